@@ -1,0 +1,1 @@
+"""moetune.autotune: the search (Optuna), measurement, kernel database and the `moetune` CLI."""

@@ -1,0 +1,164 @@
+"""Hugging Face sparse-MoE block -> reference MoE (config inferred from the modules, weights copied).
+
+Supported blocks (transformers 5.x): MixtralSparseMoeBlock, Qwen2MoeSparseMoeBlock, Qwen3MoeSparseMoeBlock,
+OlmoeSparseMoeBlock, DeepseekV2Moe, DeepseekV3MoE, GptOssMLP, Llama4TextMoe. The config is read off the
+modules themselves (shapes, router attributes), so a block works without its model config.
+
+Layout conversions into moetune's canonical (E, 2I, H) [gate | up] / (E, H, I):
+  gpt-oss   gate_up_proj (E, H, 2I) with gate/up interleaved on the last dim; down_proj (E, I, H)
+  Llama 4   gate_up_proj (E, H, 2I) as [gate | up];                          down_proj (E, I, H)
+  others    already canonical
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moetune.model.config import MoEConfig
+from moetune.model.moe import MoE
+
+_SOFTMAX_BLOCKS = (
+    "MixtralSparseMoeBlock",
+    "Qwen2MoeSparseMoeBlock",
+    "Qwen3MoeSparseMoeBlock",
+    "OlmoeSparseMoeBlock",
+    "DeepseekV2Moe",
+)
+SUPPORTED_BLOCKS = (*_SOFTMAX_BLOCKS, "DeepseekV3MoE", "GptOssMLP", "Llama4TextMoe")
+
+_PROBE_ACTS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+def _activation_name(act: nn.Module) -> str:
+    """Identify an HF activation module by its values on a probe (class names vary across versions)."""
+    probe = torch.linspace(-6, 6, 97)
+    with torch.no_grad():
+        got = act(probe)
+    for name, fn in _PROBE_ACTS.items():
+        if torch.allclose(got, fn(probe), atol=1e-6):
+            return name
+    raise ValueError(f"unsupported activation {type(act).__name__}; supported: {', '.join(_PROBE_ACTS)}")
+
+
+def _mlp_weights(mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """An HF gated MLP (gate_proj / up_proj / down_proj Linear) -> (gate_up (2Is, H), down (H, Is))."""
+    return torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight], dim=0), mlp.down_proj.weight
+
+
+def _shared(block: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+    mlp = getattr(block, "shared_expert", None) or getattr(block, "shared_experts", None)
+    return mlp, getattr(block, "shared_expert_gate", None)
+
+
+def _config(block: nn.Module) -> dict[str, Any]:
+    kind = type(block).__name__
+    ex = block.experts
+    e = ex.gate_up_proj.shape[0]
+    fields: dict[str, Any] = {"name": kind, "num_experts": e, "dtype": str(ex.gate_up_proj.dtype)[6:]}
+    if kind in _SOFTMAX_BLOCKS or kind == "DeepseekV3MoE":
+        gate = block.gate
+        _, two_i, h = ex.gate_up_proj.shape
+        fields.update(
+            hidden_size=h,
+            intermediate_size=two_i // 2,
+            top_k=gate.top_k,
+            activation=_activation_name(ex.act_fn),
+            norm_topk_prob=bool(getattr(gate, "norm_topk_prob", kind == "MixtralSparseMoeBlock")),
+            routed_scaling_factor=float(getattr(gate, "routed_scaling_factor", 1.0)),
+        )
+        if kind == "DeepseekV2Moe":
+            fields["norm_topk_prob"] = False  # HF's V2 router never renormalises
+            if gate.topk_method == "group_limited_greedy":
+                fields.update(n_group=gate.num_group, topk_group=gate.topk_group, group_score="max")
+        if kind == "DeepseekV3MoE":
+            fields.update(
+                router="sigmoid",
+                n_group=gate.num_group,
+                topk_group=gate.topk_group,
+                group_score="top2_sum",
+                score_correction_bias=True,
+            )
+    elif kind == "GptOssMLP":
+        _, h, two_i = ex.gate_up_proj.shape
+        fields.update(
+            hidden_size=h,
+            intermediate_size=two_i // 2,
+            top_k=block.router.top_k,
+            router="topk_softmax",
+            norm_topk_prob=False,
+            router_bias=True,
+            expert_bias=True,
+            activation="swiglu_oai",
+            swiglu_alpha=float(ex.alpha),
+            swiglu_limit=float(ex.limit),
+        )
+    elif kind == "Llama4TextMoe":
+        _, h, two_i = ex.gate_up_proj.shape
+        fields.update(
+            hidden_size=h,
+            intermediate_size=two_i // 2,
+            top_k=block.router.top_k,
+            router="topk_sigmoid",
+            norm_topk_prob=False,
+            apply_router_weight_on_input=True,
+            activation=_activation_name(ex.act_fn),
+        )
+    else:
+        raise ValueError(f"unsupported HF MoE block {kind}; supported: {', '.join(SUPPORTED_BLOCKS)}")
+    mlp, shared_gate = _shared(block)
+    if mlp is not None:
+        n_shared = int(getattr(getattr(block, "config", None), "n_shared_experts", 1) or 1)
+        width = mlp.down_proj.weight.shape[1]
+        if width % n_shared:
+            n_shared = 1
+        fields.update(
+            num_shared_experts=n_shared,
+            shared_intermediate_size=width // n_shared,
+            shared_expert_gate=shared_gate is not None,
+        )
+    return fields
+
+
+def _routed_weights(block: nn.Module) -> dict[str, torch.Tensor]:
+    kind, ex = type(block).__name__, block.experts
+    if kind == "GptOssMLP":
+        gu, gu_b = ex.gate_up_proj, ex.gate_up_proj_bias  # (E, H, 2I), (E, 2I) interleaved
+        return {
+            "gate_up_proj": torch.cat([gu[..., ::2], gu[..., 1::2]], dim=-1).transpose(1, 2),
+            "down_proj": ex.down_proj.transpose(1, 2),
+            "gate_up_bias": torch.cat([gu_b[..., ::2], gu_b[..., 1::2]], dim=-1),
+            "down_bias": ex.down_proj_bias,
+        }
+    if kind == "Llama4TextMoe":
+        return {"gate_up_proj": ex.gate_up_proj.transpose(1, 2), "down_proj": ex.down_proj.transpose(1, 2)}
+    return {"gate_up_proj": ex.gate_up_proj, "down_proj": ex.down_proj}
+
+
+def moe_from_hf_block(block: nn.Module) -> MoE:
+    kind = type(block).__name__
+    if kind not in SUPPORTED_BLOCKS:
+        raise ValueError(f"unsupported HF MoE block {kind}; supported: {', '.join(SUPPORTED_BLOCKS)}")
+    cfg = MoEConfig(**_config(block))
+    moe = MoE(cfg)
+    router = block.router if kind in ("GptOssMLP", "Llama4TextMoe") else block.gate
+    state = {"router.weight": router.weight, **{f"experts.{k}": v for k, v in _routed_weights(block).items()}}
+    if cfg.router_bias:
+        state["router.bias"] = router.bias
+    if cfg.score_correction_bias:
+        state["router.e_score_correction_bias"] = router.e_score_correction_bias
+    mlp, shared_gate = _shared(block)
+    if mlp is not None:
+        state["shared_expert.gate_up_proj"], state["shared_expert.down_proj"] = _mlp_weights(mlp)
+        if shared_gate is not None:
+            state["shared_expert.gate_weight"] = shared_gate.weight
+    moe.load_state_dict({k: v.detach().clone().contiguous() for k, v in state.items()}, strict=True)
+    return moe

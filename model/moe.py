@@ -1,0 +1,106 @@
+"""MoE: the readable reference nn.Module of one MoE layer.
+
+It owns the parameters and wires the reference ops of kernels/reference.py together; it is the module every
+kernel, test and benchmark compares against, and the one TunedMoE mirrors (same state_dict keys).
+
+Legend: T tokens, H hidden, I intermediate, E experts, K top-k, Is shared intermediate.
+Parameters (state_dict keys):
+  router.weight                   (E, H)
+  router.bias                     (E,)      router_bias (gpt-oss)
+  router.e_score_correction_bias  (E,)      score_correction_bias (DeepSeek-V3), a buffer
+  experts.gate_up_proj            (E, 2I, H) rows laid out [gate | up]
+  experts.down_proj               (E, H, I)
+  experts.gate_up_bias            (E, 2I)   expert_bias (gpt-oss)
+  experts.down_bias               (E, H)    expert_bias
+  shared_expert.gate_up_proj      (2Is, H)  num_shared_experts > 0
+  shared_expert.down_proj         (H, Is)
+  shared_expert.gate_weight       (1, H)    shared_expert_gate (Qwen2-MoE)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from moetune.kernels import reference as ref
+from moetune.model.config import MoEConfig
+
+
+def _param(*shape: int, dtype: torch.dtype, fan_in: int) -> nn.Parameter:
+    bound = 1.0 / math.sqrt(fan_in)
+    return nn.Parameter(torch.empty(*shape, dtype=dtype).uniform_(-bound, bound))
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        e, h, dt = cfg.num_experts, cfg.hidden_size, cfg.torch_dtype
+        self.weight = _param(e, h, dtype=dt, fan_in=h)
+        self.bias = _param(e, dtype=dt, fan_in=h) if cfg.router_bias else None
+        if cfg.score_correction_bias:
+            self.register_buffer("e_score_correction_bias", torch.zeros(e, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+
+
+class Experts(nn.Module):
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        e, h, i, dt = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size, cfg.torch_dtype
+        self.gate_up_proj = _param(e, 2 * i, h, dtype=dt, fan_in=h)
+        self.down_proj = _param(e, h, i, dtype=dt, fan_in=i)
+        self.gate_up_bias = _param(e, 2 * i, dtype=dt, fan_in=h) if cfg.expert_bias else None
+        self.down_bias = _param(e, h, dtype=dt, fan_in=i) if cfg.expert_bias else None
+
+
+class SharedExpert(nn.Module):
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        h, s, dt = cfg.hidden_size, cfg.shared_size, cfg.torch_dtype
+        self.gate_up_proj = _param(2 * s, h, dtype=dt, fan_in=h)
+        self.down_proj = _param(h, s, dtype=dt, fan_in=s)
+        self.gate_weight = _param(1, h, dtype=dt, fan_in=h) if cfg.shared_expert_gate else None
+
+
+class MoE(nn.Module):
+    """Reference MoE layer: forward(x[..., H]) -> same shape and dtype."""
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.router = Router(cfg)
+        self.experts = Experts(cfg)
+        self.shared_expert = SharedExpert(cfg) if cfg.num_shared_experts else None
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (T, H) -> (weights (T, K) fp32, ids (T, K) int64)."""
+        logits = ref.router_logits(x, self.router.weight, self.router.bias)
+        return ref.select_experts(logits, self.cfg, self.router.e_score_correction_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.cfg.hidden_size:
+            raise ValueError(f"MoE expects x[..., {self.cfg.hidden_size}], got shape {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.cfg.hidden_size)
+        weights, ids = self.route(x2)
+        ex = self.experts
+        out = ref.routed_experts(
+            x2, weights, ids, ex.gate_up_proj, ex.down_proj, ex.gate_up_bias, ex.down_bias, self.cfg
+        )
+        if self.shared_expert is not None:
+            se = self.shared_expert
+            out = out + ref.shared_expert(x2, se.gate_up_proj, se.down_proj, se.gate_weight, self.cfg)
+        return out.reshape(*lead, self.cfg.hidden_size)
+
+    @classmethod
+    def from_hf_block(cls, block: nn.Module) -> MoE:
+        """A reference MoE holding a copy of a Hugging Face sparse-MoE block's weights."""
+        from moetune.model.hf_block import moe_from_hf_block
+
+        return moe_from_hf_block(block)
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return f"H={c.hidden_size}, I={c.intermediate_size}, E={c.num_experts}, K={c.top_k}, router={c.router}"

@@ -41,7 +41,7 @@ def _print_json(data: Any) -> None:
 @app.command()
 def targets(as_json: JsonFlag = False) -> None:
     """List the hardware targets this machine can tune for: the host CPU and any CUDA GPU."""
-    from moetune.autotune.targets import detect_targets
+    from moetune.kernels.target import detect_targets
 
     found = detect_targets()
     if as_json:

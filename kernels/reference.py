@@ -1,7 +1,9 @@
 """The one reference implementation of every MoE op: readable torch, no tricks.
 
-Every kernel, test and benchmark in moetune compares against these functions (through model.MoE, which is
-nothing but these ops wired together). Clarity beats speed here: the experts run in a plain loop over E.
+Every kernel, test and benchmark in moetune compares against these functions: the layer ops (router, experts,
+shared expert) through model.MoE, which is nothing but them wired together, and the lowered ops of
+ir/program.py (route = router_logits + select_experts, align, gemm1, gemm2) directly, op by op. Clarity beats
+speed here: the experts run in a plain loop over E, the lowered GEMMs in a loop over blocks.
 
 Legend: T tokens, H hidden, I intermediate, E experts, K top-k, Is shared intermediate.
 Numerics: router logits and scores are computed in fp32 whatever the activations' dtype (as HF's
@@ -13,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moetune.ir.program import Problem
+from moetune.kernels.ops import Aligned
 from moetune.model.config import MoEConfig
 
 
@@ -58,20 +62,25 @@ def select_experts(
     return weights * cfg.routed_scaling_factor, ids
 
 
-def activation(gate_up: torch.Tensor, cfg: MoEConfig) -> torch.Tensor:
-    """gate_up (..., 2I) laid out [gate | up] -> act(gate) * up (..., I)."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    if cfg.activation == "swiglu_oai":  # gpt-oss: clamped, (up + 1) * gate * sigmoid(alpha * gate)
-        gate = gate.clamp(max=cfg.swiglu_limit)
-        up = up.clamp(min=-cfg.swiglu_limit, max=cfg.swiglu_limit)
-        return (up + 1) * (gate * torch.sigmoid(gate * cfg.swiglu_alpha))
+def gated_act(gate: torch.Tensor, up: torch.Tensor, kind: str, alpha: float = 0.0, limit: float = 0.0):
+    """act(gate) * up, elementwise; `swiglu_oai` is gpt-oss's clamped variant with alpha / limit."""
+    if kind == "swiglu_oai":  # (up + 1) * gate * sigmoid(alpha * gate), both clamped
+        gate = gate.clamp(max=limit)
+        up = up.clamp(min=-limit, max=limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * alpha))
     act = {
         "silu": F.silu,
         "gelu": F.gelu,
         "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"),
         "relu": F.relu,
-    }[cfg.activation]
+    }[kind]
     return act(gate) * up
+
+
+def activation(gate_up: torch.Tensor, cfg: MoEConfig) -> torch.Tensor:
+    """gate_up (..., 2I) laid out [gate | up] -> act(gate) * up (..., I)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return gated_act(gate, up, cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit)
 
 
 def expert_mlp(
@@ -130,3 +139,77 @@ def shared_expert(
     if gate_w is not None:
         y = torch.sigmoid(F.linear(x, gate_w)) * y
     return y
+
+
+# ---- lowered ops (ir/program.py) --------------------------------------------------------------------
+
+
+def align(weights: torch.Tensor, ids: torch.Tensor, num_experts: int, block_m: int) -> Aligned:
+    """weights (T, K) fp32, ids (T, K) -> Aligned: slots grouped by expert (ascending slot order within one)."""
+    t, k = ids.shape
+    flat_ids, flat_w = ids.reshape(-1).tolist(), weights.reshape(-1).tolist()
+    tokens, wts, slots, block_expert, counts, offsets = [], [], [], [], [], [0]
+    inverse = [0] * (t * k)
+    for e in range(num_experts):
+        mine = [s for s in range(t * k) if flat_ids[s] == e]
+        counts.append(len(mine))
+        padded = -(-len(mine) // block_m) * block_m
+        for j in range(padded):
+            if j < len(mine):
+                inverse[mine[j]] = len(tokens)
+                tokens.append(mine[j] // k), wts.append(flat_w[mine[j]]), slots.append(mine[j])
+            else:
+                tokens.append(0), wts.append(0.0), slots.append(-1)
+        block_expert += [e] * (padded // block_m)
+        offsets.append(len(tokens))
+    i32 = torch.int32
+    return Aligned(
+        sorted_token=torch.tensor(tokens, dtype=i32).view(-1, block_m),
+        sorted_weight=torch.tensor(wts, dtype=torch.float32).view(-1, block_m),
+        sorted_slot=torch.tensor(slots, dtype=i32).view(-1, block_m),
+        block_expert=torch.tensor(block_expert, dtype=i32),
+        inverse=torch.tensor(inverse, dtype=i32).view(t, k),
+        counts=torch.tensor(counts, dtype=i32),
+        offsets=torch.tensor(offsets, dtype=i32),
+    )
+
+
+def gemm1(
+    problem: Problem, x: torch.Tensor, al: Aligned, gate_up_proj: torch.Tensor, gate_up_bias: torch.Tensor | None
+) -> torch.Tensor:
+    """Per block: rows of x (scaled by their weight if w_in) @ gate_up_proj[e]^T + bias -> act. (NB, BM, I)."""
+    i = problem["I"]
+    out = torch.empty(al.num_blocks, al.block_m, i, dtype=x.dtype)
+    for b in range(al.num_blocks):
+        e = int(al.block_expert[b])
+        pre = F.linear(x[al.sorted_token[b].long()].float(), gate_up_proj[e].float())
+        if problem["w_in"]:
+            pre = pre * al.sorted_weight[b].unsqueeze(-1)
+        if gate_up_bias is not None:
+            pre = pre + gate_up_bias[e].float()
+        out[b] = gated_act(pre[:, :i], pre[:, i:], problem["act"], problem["alpha"], problem["limit"]).to(x.dtype)
+    return out
+
+
+def gemm2(
+    problem: Problem,
+    act: torch.Tensor,
+    al: Aligned,
+    down_proj: torch.Tensor,
+    down_bias: torch.Tensor | None,
+    num_tokens: int,
+) -> torch.Tensor:
+    """Per block: act @ down_proj[e]^T + bias, times the weight if w_out; then sum each token's K rows."""
+    z = torch.empty(al.num_blocks, al.block_m, problem["H"], dtype=torch.float32)
+    for b in range(al.num_blocks):
+        e = int(al.block_expert[b])
+        zb = F.linear(act[b].float(), down_proj[e].float())
+        if down_bias is not None:
+            zb = zb + down_bias[e].float()
+        z[b] = zb * al.sorted_weight[b].unsqueeze(-1) if problem["w_out"] else zb
+    rows = z.reshape(-1, problem["H"])
+    out = torch.zeros(num_tokens, problem["H"], dtype=torch.float32)
+    for t in range(num_tokens):
+        for k in range(al.inverse.shape[1]):
+            out[t] += rows[int(al.inverse[t, k])]
+    return out.to(act.dtype)

@@ -1,19 +1,24 @@
-"""Hardware targets this machine can tune for: the host CPU (through TVM's LLVM backend) and CUDA GPUs.
+"""Hardware targets: the host CPU (through TVM's LLVM backend) and CUDA GPUs, detected and resolved.
 
-A target is described by plain data (a dict) so the CLI can print it and the kernel database can key on
-its `target` string: `llvm -mcpu=<cpu>` for the host, `cuda -arch=sm_XY` for a GPU.
+A target is plain data: `Target.name` is the string the kernel database keys on (`llvm -mcpu=<cpu>` for the
+host, `cuda -arch=sm_XY` for a GPU) and `Target.tvm` is the dict TVM 0.27 wants (string targets are gone).
+"cpu" always means the *detected* host CPU: a kernel built for a newer mcpu than the host (say znver4 on a
+znver3 host) compiles fine and then dies with SIGILL.
 """
 
 from __future__ import annotations
 
 import os
 import platform
+from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
 # ISA features worth showing: the vector extensions the CPU schedules' vector widths depend on.
 _FEATURE_PREFIXES = ("sse4", "avx", "fma", "f16c", "amx", "neon", "sve", "dotprod", "i8mm", "bf16")
 
 
+@cache
 def host_cpu() -> dict[str, Any]:
     """The host CPU as TVM's LLVM backend sees it."""
     from tvm.target import Target, codegen
@@ -70,3 +75,29 @@ def cuda_gpus() -> list[dict[str, Any]]:
 
 def detect_targets() -> list[dict[str, Any]]:
     return [host_cpu(), *cuda_gpus()]
+
+
+@dataclass(frozen=True)
+class Target:
+    kind: str  # "cpu" | "cuda"
+    name: str  # the kernel DB's target string
+    tvm: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@cache
+def resolve_target(spec: str | Target = "cpu") -> Target:
+    """ "cpu" (the host) or an explicit `llvm -mcpu=...` string -> Target."""
+    if isinstance(spec, Target):
+        return spec
+    if spec in ("cpu", "host", "llvm"):
+        cpu = host_cpu()
+        return Target("cpu", cpu["target"], cpu["tvm_target"])
+    if spec.startswith("llvm -mcpu="):
+        mcpu = spec.split("=", 1)[1].strip()
+        return Target("cpu", f"llvm -mcpu={mcpu}", {"kind": "llvm", "mcpu": mcpu})
+    raise ValueError(
+        f"unknown target {spec!r}; use 'cpu' or 'llvm -mcpu=<cpu>' (GPU targets come with the CUDA backends)"
+    )

@@ -1,0 +1,200 @@
+"""Lowering: MoEConfig + a token count -> MoEProgram, the ordered ops of one MoE layer.
+
+Legend: T tokens, H hidden, I intermediate, E experts, K top-k, S = T*K routed rows, BM rows per block,
+NB blocks, Is shared intermediate.
+
+The ops, in order (names are the program's; `Problem.op` is the kernel kind):
+  route          x (T, H) -> weights (T, K) fp32, ids (T, K) int32      router GEMM + score fn + top-k
+  align          ids (T, K) -> the S routed rows sorted by expert, padded per expert to a multiple of BM
+  experts.gemm1  gathered x rows @ gate_up_proj[e]^T, activation fused   -> act (NB*BM, I)
+  experts.gemm2  act @ down_proj[e]^T, routing weight + combine to T rows fused -> (T, H)
+  shared.gemm1   the shared expert(s) as the same kernels with E = 1, K = 1 (one block list over T rows)
+  shared.gemm2
+
+Data-dependent token counts. The number of rows each expert receives is only known after routing. We handle
+it the way vLLM's fused_moe does, so the TVM and Triton backends share one `align` output: every expert's
+rows are padded up to a multiple of BM and cut into blocks of BM rows, each block tagged with its expert.
+A GEMM kernel then sees a *static* inner tile (BM rows, one expert's weights) and a *symbolic* number of
+blocks NB (and symbolic T), so one compiled kernel serves every batch size. BM is fixed per M bucket by
+`block_m_for` (a heuristic: about half the mean rows per expert, so padding wastes ~25% at most on average)
+and is *not* a schedule parameter of the GEMMs: the align output (and so the kernel's grid) depends on it.
+
+Problem signatures (the kernel database keys on these; they are stable and documented):
+  "<op>[<key>=<value>,...]:<dtype>"  with the keys in the fixed per-op order below, booleans as 0/1, floats
+  with repr(); T is *not* part of a signature (it is the DB's M bucket), BM is (the kernel depends on it).
+  route  H,E,K,router,norm,scale,n_group,topk_group,group_score,bias,cbias
+  align  E,K,BM
+  gemm1  H,I,E,BM,act,alpha,limit,bias,w_in     (w_in: routing weight applied to the input rows)
+  gemm2  H,I,E,K,BM,bias,w_out                  (w_out: routing weight applied to the output rows)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from moetune.model.config import MoEConfig
+
+OPS = ("route", "align", "gemm1", "gemm2")
+_KEYS = {
+    "route": ("H", "E", "K", "router", "norm", "scale", "n_group", "topk_group", "group_score", "bias", "cbias"),
+    "align": ("E", "K", "BM"),
+    "gemm1": ("H", "I", "E", "BM", "act", "alpha", "limit", "bias", "w_in"),
+    "gemm2": ("H", "I", "E", "K", "BM", "bias", "w_out"),
+}
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One op with its static dims and dtype: target-independent, hashable, with a canonical signature."""
+
+    op: str
+    dims: tuple[tuple[str, Any], ...]
+    dtype: str
+
+    def __post_init__(self) -> None:
+        if self.op not in _KEYS:
+            raise ValueError(f"unknown op {self.op!r}; known: {', '.join(OPS)}")
+        names = tuple(k for k, _ in self.dims)
+        if names != _KEYS[self.op]:
+            raise ValueError(f"{self.op} dims must be {_KEYS[self.op]}, got {names}")
+
+    @classmethod
+    def make(cls, op: str, dtype: str, **dims: Any) -> Problem:
+        keys = _KEYS.get(op)
+        if keys is None:
+            raise ValueError(f"unknown op {op!r}; known: {', '.join(OPS)}")
+        missing = [k for k in keys if k not in dims]
+        if missing or len(dims) != len(keys):
+            raise ValueError(f"{op} needs dims {', '.join(keys)}; got {', '.join(dims)}")
+        return cls(op, tuple((k, dims[k]) for k in keys), dtype)
+
+    def __getitem__(self, name: str) -> Any:
+        for k, v in self.dims:
+            if k == name:
+                return v
+        raise KeyError(f"{self.op} has no dim {name!r}")
+
+    @property
+    def signature(self) -> str:
+        return f"{self.op}[{','.join(f'{k}={_fmt(v)}' for k, v in self.dims)}]:{self.dtype}"
+
+    def __str__(self) -> str:
+        return self.signature
+
+
+@dataclass(frozen=True)
+class ProgramOp:
+    name: str  # e.g. "experts.gemm1"
+    problem: Problem
+
+
+@dataclass(frozen=True)
+class MoEProgram:
+    cfg: MoEConfig
+    m_tokens: int  # T the program was lowered for
+    m_bucket: int  # the DB's M bucket of T
+    block_m: int  # BM of the routed experts
+    ops: tuple[ProgramOp, ...] = field(default_factory=tuple)
+
+    def op(self, name: str) -> Problem:
+        for o in self.ops:
+            if o.name == name:
+                return o.problem
+        raise KeyError(f"program has no op {name!r}; ops: {', '.join(o.name for o in self.ops)}")
+
+    def __iter__(self):
+        return iter(self.ops)
+
+
+def m_bucket(m_tokens: int) -> int:
+    """The M bucket of a token count: the next power of two (1, 2, 4, ...)."""
+    if m_tokens < 1:
+        raise ValueError(f"token count must be >= 1, got {m_tokens}")
+    return 1 << (m_tokens - 1).bit_length()
+
+
+def block_m_for(m_tokens: int, top_k: int, num_experts: int, cap: int = 32) -> int:
+    """BM: a power of two near half the mean rows per expert, in [1, cap]."""
+    mean_rows = m_bucket(m_tokens) * top_k / num_experts
+    bm = 1
+    while bm * 2 <= mean_rows / 2 and bm * 2 <= cap:
+        bm *= 2
+    return bm
+
+
+def _gemm_problems(
+    cfg: MoEConfig, prefix: str, h: int, i: int, e: int, k: int, bm: int, bias: bool, w_in: bool
+) -> tuple[ProgramOp, ProgramOp]:
+    act_args = {"act": cfg.activation, "alpha": 0.0, "limit": 0.0}
+    if cfg.activation == "swiglu_oai":
+        act_args.update(alpha=float(cfg.swiglu_alpha), limit=float(cfg.swiglu_limit))
+    g1 = Problem.make("gemm1", cfg.dtype, H=h, I=i, E=e, BM=bm, bias=bias, w_in=w_in, **act_args)
+    g2 = Problem.make("gemm2", cfg.dtype, H=h, I=i, E=e, K=k, BM=bm, bias=bias, w_out=not w_in)
+    return ProgramOp(f"{prefix}.gemm1", g1), ProgramOp(f"{prefix}.gemm2", g2)
+
+
+def lower(cfg: MoEConfig, m_tokens: int) -> MoEProgram:
+    """The MoEProgram of one layer of `cfg` for a batch of `m_tokens` tokens (T)."""
+    bucket = m_bucket(m_tokens)
+    bm = block_m_for(m_tokens, cfg.top_k, cfg.num_experts)
+    route = Problem.make(
+        "route",
+        cfg.dtype,
+        H=cfg.hidden_size,
+        E=cfg.num_experts,
+        K=cfg.top_k,
+        router=cfg.router,
+        norm=cfg.norm_topk_prob,
+        scale=float(cfg.routed_scaling_factor),
+        n_group=cfg.n_group,
+        topk_group=cfg.topk_group,
+        group_score=cfg.group_score,
+        bias=cfg.router_bias,
+        cbias=cfg.score_correction_bias,
+    )
+    align = Problem.make("align", "int32", E=cfg.num_experts, K=cfg.top_k, BM=bm)
+    ops = [ProgramOp("route", route), ProgramOp("align", align)]
+    ops += _gemm_problems(
+        cfg,
+        "experts",
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_experts,
+        cfg.top_k,
+        bm,
+        cfg.expert_bias,
+        cfg.apply_router_weight_on_input,
+    )
+    if cfg.num_shared_experts:
+        # E = K = 1: one block list over the T rows; BM from the T rows alone.
+        ops += _gemm_problems(
+            cfg, "shared", cfg.hidden_size, cfg.shared_size, 1, 1, block_m_for(m_tokens, 1, 1), False, False
+        )
+    return MoEProgram(cfg=cfg, m_tokens=m_tokens, m_bucket=bucket, block_m=bm, ops=tuple(ops))
+
+
+def route_config(problem: Problem) -> MoEConfig:
+    """The routing fields of a route Problem as a MoEConfig (for reference.select_experts)."""
+    if problem.op != "route":
+        raise ValueError(f"route_config needs a route problem, got {problem.op}")
+    return MoEConfig(
+        hidden_size=problem["H"],
+        intermediate_size=1,
+        num_experts=problem["E"],
+        top_k=problem["K"],
+        router=problem["router"],
+        norm_topk_prob=problem["norm"],
+        routed_scaling_factor=problem["scale"],
+        n_group=problem["n_group"],
+        topk_group=problem["topk_group"],
+        group_score=problem["group_score"],
+    )

@@ -1,0 +1,157 @@
+"""TVM TensorIR of every lowered op: TE compute for the GEMMs, TVMScript for the data-dependent ops.
+
+Legend: T tokens, H hidden, I intermediate, E experts, K top-k, BM rows per block, NB blocks, P panel width.
+
+Why two front ends. The GEMMs (router logits, gemm1, gemm2) are dense tensor expressions with a reduction, so
+TE `te.compute` states them in a line each and leaves every loop free for the schedule. Top-k selection and
+the align counting sort are sequential, data-dependent algorithms (running maxima, cursors), which TE cannot
+express; they are written as imperative TVMScript with Python-level constants specialising them per problem.
+
+Shapes. T (tokens) and NB (blocks) are symbolic (`te.var`), so one compiled kernel serves every batch size;
+everything else is static. Blocks are never split by a schedule (only their BM rows are, by divisors of BM):
+TVM 0.27 fails to compile a predicated split of a symbolic extent under a local accumulator.
+
+Weight layout. GEMM weights arrive packed in panels of P output columns, `(E, ceil(N/P), Kd, P)`, so the
+innermost loop of a tile reads P contiguous weights and vectorises (packing: kernels/moe_tvm.py). P is the
+schedule's `nt`, which is why these builders take it: the layout is part of the schedule point.
+"""
+
+from __future__ import annotations
+
+import math
+
+import tvm
+from tvm import te
+
+from moetune.ir.program import Problem
+
+F32 = "float32"
+
+
+def _act(kind: str, g, u, alpha: float, limit: float):
+    """act(gate) * up on fp32 TE expressions (same formulas as reference.gated_act)."""
+    if kind == "swiglu_oai":
+        g = te.min(g, tvm.tirx.const(limit, F32))
+        u = te.max(te.min(u, tvm.tirx.const(limit, F32)), tvm.tirx.const(-limit, F32))
+        return (u + 1.0) * (g * te.sigmoid(g * alpha))
+    if kind == "silu":
+        return g * te.sigmoid(g) * u
+    if kind == "gelu":
+        return 0.5 * g * (1.0 + te.erf(g * (1.0 / math.sqrt(2.0)))) * u
+    if kind == "gelu_tanh":
+        return 0.5 * g * (1.0 + te.tanh(math.sqrt(2.0 / math.pi) * (g + 0.044715 * g * g * g))) * u
+    if kind == "relu":
+        return te.max(g, tvm.tirx.const(0.0, F32)) * u
+    raise ValueError(f"unknown activation {kind!r}")
+
+
+def _panels(n: int, p: int) -> int:
+    return -(-n // p)
+
+
+def gemm1_func(problem: Problem, panel: int) -> tvm.tirx.PrimFunc:
+    """act[b, m, n] = act(x[tok[b,m]] . Wg[e_b, n] (+ bias), x[tok[b,m]] . Wu[e_b, n] (+ bias)).
+
+    Args: x (T,H), tok (NB,BM) i32, wt (NB,BM) f32, bexp (NB,) i32, wg, wu (E,ceil(I/P),H,P) [, bias (E,2I)],
+    act (NB,BM,I). With w_in the routing weight scales the GEMM result before the bias (= scaling the input).
+    Blocks: "G" and "U" (the two fp32 reductions), "A" (the epilogue, the output).
+    """
+    h, i, e, bm, dt = problem["H"], problem["I"], problem["E"], problem["BM"], problem.dtype
+    t, nb = te.var("T"), te.var("NB")
+    x = te.placeholder((t, h), dt, name="x")
+    tok = te.placeholder((nb, bm), "int32", name="tok")
+    wt = te.placeholder((nb, bm), F32, name="wt")
+    bexp = te.placeholder((nb,), "int32", name="bexp")
+    wg = te.placeholder((e, _panels(i, panel), h, panel), dt, name="wg")
+    wu = te.placeholder((e, _panels(i, panel), h, panel), dt, name="wu")
+    kg, ku = te.reduce_axis((0, h), name="kg"), te.reduce_axis((0, h), name="ku")
+
+    def dot(w, k):
+        return lambda b, m, n: te.sum(
+            x[tok[b, m], k].astype(F32) * w[bexp[b], n // panel, k, n % panel].astype(F32), axis=k
+        )
+
+    g = te.compute((nb, bm, i), dot(wg, kg), name="G")
+    u = te.compute((nb, bm, i), dot(wu, ku), name="U")
+    args = [x, tok, wt, bexp, wg, wu]
+    bias = te.placeholder((e, 2 * i), dt, name="bias") if problem["bias"] else None
+    if bias is not None:
+        args.append(bias)
+
+    def epilogue(b, m, n):
+        gv, uv = g[b, m, n], u[b, m, n]
+        if problem["w_in"]:
+            gv, uv = gv * wt[b, m], uv * wt[b, m]
+        if bias is not None:
+            gv, uv = gv + bias[bexp[b], n].astype(F32), uv + bias[bexp[b], n + i].astype(F32)
+        return _act(problem["act"], gv, uv, problem["alpha"], problem["limit"]).astype(dt)
+
+    out = te.compute((nb, bm, i), epilogue, name="A")
+    return te.create_prim_func([*args, out])
+
+
+def gemm2_func(problem: Problem, panel: int) -> tvm.tirx.PrimFunc:
+    """z[b, m, n] = (act[b,m] . Wd[e_b, n] (+ bias)) (* wt[b,m] if w_out); out[t, n] = sum_k z[inv[t,k], n].
+
+    Args: act (NB,BM,I), wt (NB,BM) f32, bexp (NB,) i32, inv (T,K) i32, wd (E,ceil(H/P),I,P) [, bias (E,H)],
+    z (NB,BM,H) f32 scratch, out (T,H). Blocks: "Zacc" (reduction), "Z" (epilogue), "O" (the combine).
+    The combine is a fixed-order sum over K (deterministic, no atomics).
+    """
+    h, i, e, k, bm, dt = problem["H"], problem["I"], problem["E"], problem["K"], problem["BM"], problem.dtype
+    t, nb = te.var("T"), te.var("NB")
+    act = te.placeholder((nb, bm, i), dt, name="act")
+    wt = te.placeholder((nb, bm), F32, name="wt")
+    bexp = te.placeholder((nb,), "int32", name="bexp")
+    inv = te.placeholder((t, k), "int32", name="inv")
+    wd = te.placeholder((e, _panels(h, panel), i, panel), dt, name="wd")
+    r = te.reduce_axis((0, i), name="r")
+    zacc = te.compute(
+        (nb, bm, h),
+        lambda b, m, n: te.sum(act[b, m, r].astype(F32) * wd[bexp[b], n // panel, r, n % panel].astype(F32), axis=r),
+        name="Zacc",
+    )
+    args = [act, wt, bexp, inv, wd]
+    bias = te.placeholder((e, h), dt, name="bias") if problem["bias"] else None
+    if bias is not None:
+        args.append(bias)
+
+    def epilogue(b, m, n):
+        v = zacc[b, m, n]
+        if bias is not None:
+            v = v + bias[bexp[b], n].astype(F32)
+        return v * wt[b, m] if problem["w_out"] else v
+
+    z = te.compute((nb, bm, h), epilogue, name="Z")
+
+    def combine(tt, n):
+        total = None
+        for kk in range(k):
+            p = inv[tt, kk]
+            term = z[p // bm, p % bm, n]
+            total = term if total is None else total + term
+        return total.astype(dt)
+
+    out = te.compute((t, h), combine, name="O")
+    return te.create_prim_func([*args, z, out])
+
+
+def route_logits_func(problem: Problem, panel: int) -> tvm.tirx.PrimFunc:
+    """logits[t, e] = x[t] . W[e] (+ bias[e]) in fp32. Args: x (T,H), w (ceil(E/P),H,P) [, bias (E,)], logits."""
+    h, e, dt = problem["H"], problem["E"], problem.dtype
+    t = te.var("T")
+    x = te.placeholder((t, h), dt, name="x")
+    w = te.placeholder((_panels(e, panel), h, panel), dt, name="w")
+    r = te.reduce_axis((0, h), name="r")
+    acc = te.compute(
+        (t, e),
+        lambda tt, n: te.sum(x[tt, r].astype(F32) * w[n // panel, r, n % panel].astype(F32), axis=r),
+        name="Lacc",
+    )
+    args = [x, w]
+    if problem["bias"]:
+        bias = te.placeholder((e,), dt, name="bias")
+        args.append(bias)
+        logits = te.compute((t, e), lambda tt, n: acc[tt, n] + bias[n].astype(F32), name="L")
+    else:
+        logits = te.compute((t, e), lambda tt, n: acc[tt, n], name="L")
+    return te.create_prim_func([*args, logits])

@@ -1,0 +1,150 @@
+"""The `tvm` backend of every lowered op on the CPU target: pack weights, allocate outputs, launch.
+
+Each launcher checks shapes, allocates its outputs and calls the compiled module on torch tensors directly
+(DLPack, no copies). Weights are packed into the panel layout of ir/tvm_ir.py once and memoised per
+(tensor, version, panel width): an in-place update of a parameter bumps its version and forces a repack.
+Legend: T tokens, H hidden, I intermediate, E experts, K top-k, BM rows per block, NB blocks, P panel.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from moetune.ir.program import Problem
+from moetune.kernels.ops import Aligned, max_blocks
+from moetune.kernels.registry import KernelConfig, register_impl
+from moetune.kernels.target import Target
+from moetune.kernels.tvm_build import build
+
+_PACKED: dict[tuple, tuple[weakref.ref, torch.Tensor]] = {}
+
+
+def pack_panels(w: torch.Tensor, panel: int) -> torch.Tensor:
+    """(G, N, Kd) -> (G, ceil(N/P), Kd, P): P consecutive output columns contiguous, zero-padded."""
+    g, n, kd = w.shape
+    n_pad = -(-n // panel) * panel
+    if n_pad != n:
+        w = torch.cat([w, w.new_zeros(g, n_pad - n, kd)], dim=1)
+    return w.reshape(g, n_pad // panel, panel, kd).transpose(2, 3).contiguous()
+
+
+def _packed(source: torch.Tensor, part: slice, panel: int) -> torch.Tensor:
+    """pack_panels(source[:, part]) memoised on the source tensor's identity and version."""
+    key = (source.data_ptr(), source._version, tuple(source.shape), source.dtype, part.start, part.stop, panel)
+    hit = _PACKED.get(key)
+    if hit is not None and hit[0]() is source:
+        return hit[1]
+    packed = pack_panels(source.detach()[:, part], panel)
+    _PACKED[key] = (weakref.ref(source), packed)
+    weakref.finalize(source, _PACKED.pop, key, None)
+    return packed
+
+
+def _check(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype | None = None) -> None:
+    if tuple(t.shape) != shape or (dtype is not None and t.dtype != dtype):
+        raise ValueError(f"{name}: expected {shape} {dtype or ''}, got {tuple(t.shape)} {t.dtype}")
+
+
+@register_impl("route", "tvm")
+def route(
+    problem: Problem,
+    config: KernelConfig,
+    target: Target,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    correction_bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    h, e, k = problem["H"], problem["E"], problem["K"]
+    _check("route weight", weight, (e, h), x.dtype)
+    mod = build(problem, config.as_dict(), target)
+    x = x.contiguous()
+    t = x.shape[0]
+    logits = torch.empty(t, e, dtype=torch.float32)
+    args = [x, _packed(weight.unsqueeze(0), slice(None), config["nt"])[0]]
+    if problem["bias"]:
+        args.append(bias.contiguous())
+    mod["logits"](*args, logits)
+    cb = correction_bias.float().contiguous() if problem["cbias"] else torch.zeros(e)
+    weights, ids = torch.empty(t, k, dtype=torch.float32), torch.empty(t, k, dtype=torch.int32)
+    mod["select"](logits, cb, weights, ids)
+    return weights, ids
+
+
+@register_impl("align", "tvm")
+def align(problem: Problem, config: KernelConfig, target: Target, weights: torch.Tensor, ids: torch.Tensor) -> Aligned:
+    e, bm = problem["E"], problem["BM"]
+    t, k = ids.shape
+    nbmax = max_blocks(t * k, e, bm)
+    i32 = torch.int32
+    tok, slot = torch.empty(nbmax, bm, dtype=i32), torch.empty(nbmax, bm, dtype=i32)
+    wt, bexp = torch.empty(nbmax, bm, dtype=torch.float32), torch.empty(nbmax, dtype=i32)
+    inv, counts = torch.empty(t, k, dtype=i32), torch.empty(e, dtype=i32)
+    offsets, nblocks = torch.empty(e + 1, dtype=i32), torch.empty(1, dtype=i32)
+    build(problem, {}, target)["align"](
+        ids.to(i32).contiguous(), weights.float().contiguous(), tok, wt, slot, bexp, inv, counts, offsets, nblocks
+    )
+    nb = int(nblocks[0])
+    return Aligned(tok[:nb], wt[:nb], slot[:nb], bexp[:nb], inv, counts, offsets)
+
+
+@register_impl("gemm1", "tvm")
+def gemm1(
+    problem: Problem,
+    config: KernelConfig,
+    target: Target,
+    x: torch.Tensor,
+    al: Aligned,
+    gate_up_proj: torch.Tensor,
+    gate_up_bias: torch.Tensor | None,
+) -> torch.Tensor:
+    h, i, e, bm = problem["H"], problem["I"], problem["E"], problem["BM"]
+    _check("gate_up_proj", gate_up_proj, (e, 2 * i, h), x.dtype)
+    _check("aligned rows", al.sorted_token, (al.num_blocks, bm))
+    mod = build(problem, config.as_dict(), target)
+    nt = config["nt"]
+    args = [
+        x.contiguous(),
+        al.sorted_token,
+        al.sorted_weight,
+        al.block_expert,
+        _packed(gate_up_proj, slice(0, i), nt),
+        _packed(gate_up_proj, slice(i, 2 * i), nt),
+    ]
+    if problem["bias"]:
+        args.append(gate_up_bias.contiguous())
+    out = torch.empty(al.num_blocks, bm, i, dtype=x.dtype)
+    mod["main"](*args, out)
+    return out
+
+
+@register_impl("gemm2", "tvm")
+def gemm2(
+    problem: Problem,
+    config: KernelConfig,
+    target: Target,
+    act: torch.Tensor,
+    al: Aligned,
+    down_proj: torch.Tensor,
+    down_bias: torch.Tensor | None,
+) -> torch.Tensor:
+    h, i, e, bm = problem["H"], problem["I"], problem["E"], problem["BM"]
+    _check("down_proj", down_proj, (e, h, i), act.dtype)
+    _check("act", act, (al.num_blocks, bm, i), act.dtype)
+    mod = build(problem, config.as_dict(), target)
+    args = [
+        act.contiguous(),
+        al.sorted_weight,
+        al.block_expert,
+        al.inverse,
+        _packed(down_proj, slice(None), config["nt"]),
+    ]
+    if problem["bias"]:
+        args.append(down_bias.contiguous())
+    t = al.inverse.shape[0]
+    z = torch.empty(al.num_blocks, bm, h, dtype=torch.float32)
+    out = torch.empty(t, h, dtype=act.dtype)
+    mod["main"](*args, z, out)
+    return out

@@ -1,0 +1,83 @@
+"""Backend registry: one launcher signature per op, whatever the backend (Liger's ImplInfo / register_impl).
+
+A backend module registers its launcher for an op with `@register_impl(op, backend)`; callers pick one with
+`get_impl(op, backend)` and never branch on the backend name themselves. Every launcher of an op has the
+signature documented in kernels/ops.py and takes its tile config as a frozen `KernelConfig`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+BACKENDS = ("tvm", "torch")  # preference order when nothing else is said
+# Modules that register implementations when imported (kept lazy: importing TVM takes seconds).
+_BACKEND_MODULES = {"torch": "moetune.kernels.moe_torch", "tvm": "moetune.kernels.moe_tvm"}
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """A backend plus one point of its schedule space (sorted, hashable, JSON-able)."""
+
+    backend: str
+    params: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def of(cls, backend: str, params: dict[str, Any] | None = None) -> KernelConfig:
+        return cls(backend, tuple(sorted((params or {}).items())))
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.params)
+
+    def __getitem__(self, name: str) -> Any:
+        return self.as_dict()[name]
+
+    def to_json(self) -> str:
+        return json.dumps({"backend": self.backend, "params": self.as_dict()}, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class ImplInfo:
+    op: str
+    backend: str
+    fn: Callable[..., Any]
+    targets: tuple[str, ...]  # target kinds it runs on: "cpu", "cuda"
+
+
+_REGISTRY: dict[tuple[str, str], ImplInfo] = {}
+
+
+def register_impl(op: str, backend: str, targets: tuple[str, ...] = ("cpu",)):
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        _REGISTRY[(op, backend)] = ImplInfo(op, backend, fn, targets)
+        return fn
+
+    return wrap
+
+
+def _load(backend: str) -> None:
+    if backend not in _BACKEND_MODULES:
+        raise ValueError(f"unknown backend {backend!r}; known: {', '.join(_BACKEND_MODULES)}")
+    importlib.import_module(_BACKEND_MODULES[backend])
+
+
+def get_impl(op: str, backend: str) -> ImplInfo:
+    _load(backend)
+    try:
+        return _REGISTRY[(op, backend)]
+    except KeyError:
+        raise ValueError(f"backend {backend!r} has no implementation of op {op!r}") from None
+
+
+def backends_for(op: str, target_kind: str, allowed: tuple[str, ...] = BACKENDS) -> list[str]:
+    """The allowed backends that implement `op` on a target kind, in preference order."""
+    found = []
+    for backend in allowed:
+        _load(backend)
+        info = _REGISTRY.get((op, backend))
+        if info is not None and target_kind in info.targets:
+            found.append(backend)
+    return found

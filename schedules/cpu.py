@@ -1,0 +1,178 @@
+"""CPU schedule templates (TVM s_tir) for every lowered op, with their search spaces and default points.
+
+Legend: T tokens, H hidden, I intermediate, E experts, BM rows per block, NB blocks.
+
+GEMM template (router logits, gemm1, gemm2). The output is tiled per block as (mt rows) x (nt columns); the
+fp32 accumulator tile of that (two for gemm1: gate and up) lives in registers ("local"), is computed over the
+whole reduction with the reduction loop outermost, unrolled by kt, and the nt columns are vectorised (the
+packed weight layout makes them contiguous). The parallel loop is the blocks, or blocks x column panels.
+  nt   panel width = vectorised columns; also the packed weight layout (a multiple of the SIMD lanes)
+  mt   rows per register tile; a divisor of BM (BM is static, so no predicate: see ir/tvm_ir.py)
+  kt   reduction unroll; divides the reduction length so the innermost loop has no bounds check
+  par  "nb": parallel over blocks; "nb*n": over blocks x column panels (needed when NB < cores)
+Constraint "registers": the accumulator tiles must fit the vector register file with room for the loads.
+Router logits use mt = 1 (T is symbolic and not split, for the same compile reason) and parallelise rows.
+
+Default point (good without tuning): the widest nt in {32, 16, 8} not larger than the output width rounded
+up to the lanes; the largest mt that divides BM and fits the registers; kt = 4 when it divides the reduction
+(else the largest divisor among 2, 1); par = "nb*n" (balances load whatever NB is).
+
+align and route's top-k selection are sequential TVMScript (ir/tvm_script.py): their spaces are empty.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import tvm
+
+from moetune.ir import tvm_ir, tvm_script
+from moetune.ir.program import Problem
+from moetune.kernels.target import Target
+from moetune.schedules.space import Constraint, Param, Point, SearchSpace
+
+NT_CHOICES = (8, 16, 32, 64)
+MT_CHOICES = (1, 2, 3, 4, 6, 8)
+KT_CHOICES = (1, 2, 4, 8)
+PAR_CHOICES = ("nb", "nb*n")
+
+
+@cache
+def simd(target: Target) -> tuple[int, int]:
+    """(fp32 lanes per vector register, number of vector registers) of a CPU target."""
+    from tvm.target import codegen
+
+    features = {str(f) for f in codegen.llvm_get_cpu_features(tvm.target.Target(target.tvm))}
+    if "avx512f" in features:
+        return 16, 32
+    if "avx2" in features or "avx" in features:
+        return 8, 16
+    return 4, 16  # SSE / NEON
+
+
+def _gemm_dims(problem: Problem) -> tuple[int, int, int, int]:
+    """(output width N, reduction length, BM, accumulator tiles) of a GEMM-like op."""
+    if problem.op == "gemm1":
+        return problem["I"], problem["H"], problem["BM"], 2
+    if problem.op == "gemm2":
+        return problem["H"], problem["I"], problem["BM"], 1
+    return problem["E"], problem["H"], 1, 1  # route logits
+
+
+def space(problem: Problem, target: Target) -> SearchSpace:
+    if problem.op == "align":
+        return SearchSpace("align")
+    lanes, vregs = simd(target)
+    n, red, bm, tiles = _gemm_dims(problem)
+    mts = (1,) if problem.op == "route" else MT_CHOICES
+    return SearchSpace(
+        problem.op,
+        params=(
+            Param("nt", tuple(v for v in NT_CHOICES if v >= lanes), "vectorised columns = packed panel width"),
+            Param("mt", mts, "rows per register tile (divides BM)"),
+            Param("kt", KT_CHOICES, "reduction unroll (divides the reduction length)"),
+            Param("par", PAR_CHOICES, "parallel loop: blocks, or blocks x column panels"),
+        ),
+        constraints=(
+            Constraint("mt_divides_bm", f"mt must divide BM={bm}", lambda p: bm % p["mt"] == 0),
+            Constraint("kt_divides_k", f"kt must divide the reduction length {red}", lambda p: red % p["kt"] == 0),
+            Constraint(
+                "registers",
+                f"{tiles} accumulator tile(s) of mt x nt/{lanes} vectors must leave 4 of {vregs} registers free",
+                lambda p: tiles * p["mt"] * p["nt"] // lanes <= vregs - 4,
+            ),
+            Constraint(
+                "panel_not_wider_than_output",
+                f"nt must be < 2x the output width {n}",
+                lambda p: p["nt"] < 2 * max(n, lanes),
+            ),
+        ),
+    )
+
+
+def default_point(problem: Problem, target: Target) -> Point:
+    sp = space(problem, target)
+    if not sp.params:
+        return {}
+    lanes, vregs = simd(target)
+    n, red, bm, tiles = _gemm_dims(problem)
+    nt = next(v for v in (32, 16, 8, lanes) if v <= max(lanes, -(-n // lanes) * lanes) and v >= lanes)
+    kt = next(v for v in (4, 2, 1) if red % v == 0)
+    mts = [m for m in sp.params[1].choices if bm % m == 0 and tiles * m * nt // lanes <= vregs - 4]
+    point = {"nt": nt, "mt": max(mts), "kt": kt, "par": "nb*n"}
+    if not sp.is_feasible(point):
+        raise AssertionError(f"default point {point} infeasible for {problem}: {sp.violations(point)}")
+    return point
+
+
+# ---- applying a point --------------------------------------------------------------------------------------
+def _tile_accumulators(sch, out_block, acc_blocks, point: Point, rows_split: bool):
+    """Tile `out_block` (.., m, n) and compute each accumulator block in registers per tile."""
+    loops = sch.get_loops(out_block)
+    if rows_split:  # (b, m, n)
+        b, m, n = loops
+        mo, mi = sch.split(m, [None, point["mt"]])
+        no, ni = sch.split(n, [None, point["nt"]])
+        sch.reorder(b, no, mo, mi, ni)
+        anchor, depth = mo, 3  # loops down to the anchor: b, no, mo
+    else:  # router logits (t, n): rows are symbolic, never split
+        b, n = loops
+        no, ni = sch.split(n, [None, point["nt"]])
+        sch.reorder(b, no, ni)
+        anchor, depth = no, 2  # t, no
+    for name in acc_blocks:
+        blk = sch.get_sblock(name)
+        sch.compute_at(blk, anchor)
+        sch.set_scope(blk, 0, "local")
+        inner = sch.get_loops(blk)[depth:]  # (mi), ni, k: compute_at drops unit loops
+        red = inner[-1]
+        ko, ki = sch.split(red, [None, point["kt"]])
+        sch.reorder(ko, ki, *inner[:-1])
+        sch.vectorize(inner[-2])
+        if len(inner) == 3:
+            sch.unroll(inner[0])
+        sch.unroll(ki)
+    fused = point["par"] == "nb*n"
+    sch.parallel(sch.fuse(b, no) if fused else b)  # before decompose_reduction, or s_tir refuses
+    sch.vectorize(ni)
+    for name in acc_blocks:  # the accumulator's init goes above the reduction loop ko
+        blk = sch.get_sblock(name)
+        sch.decompose_reduction(blk, sch.get_loops(blk)[depth - fused])
+
+
+def _schedule_gemm1(problem: Problem, point: Point):
+    sch = tvm.s_tir.Schedule(tvm_ir.gemm1_func(problem, point["nt"]))
+    _tile_accumulators(sch, sch.get_sblock("A"), ("G", "U"), point, rows_split=True)
+    return sch.mod["main"]
+
+
+def _schedule_gemm2(problem: Problem, point: Point, lanes: int):
+    sch = tvm.s_tir.Schedule(tvm_ir.gemm2_func(problem, point["nt"]))
+    _tile_accumulators(sch, sch.get_sblock("Z"), ("Zacc",), point, rows_split=True)
+    combine = sch.get_sblock("O")
+    t, n = sch.get_loops(combine)
+    _, ni = sch.split(n, [None, lanes])
+    sch.parallel(t)
+    sch.vectorize(ni)
+    return sch.mod["main"]
+
+
+def _schedule_route(problem: Problem, point: Point):
+    sch = tvm.s_tir.Schedule(tvm_ir.route_logits_func(problem, point["nt"]))
+    _tile_accumulators(sch, sch.get_sblock("L"), ("Lacc",), point, rows_split=False)
+    return sch.mod["main"]
+
+
+def scheduled_module(problem: Problem, point: Point, target: Target) -> tvm.IRModule:
+    """The op's IRModule with the point applied; function names: main (GEMMs), logits + select, align."""
+    violations = space(problem, target).violations(point)
+    if violations:
+        raise ValueError(f"infeasible point {point} for {problem}: {'; '.join(violations)}")
+    if problem.op == "align":
+        return tvm.IRModule({"align": tvm_script.align_func(problem)})
+    if problem.op == "route":
+        logits = _schedule_route(problem, point).with_attr("global_symbol", "logits")
+        return tvm.IRModule({"logits": logits, "select": tvm_script.route_select_func(problem)})
+    if problem.op == "gemm1":
+        return tvm.IRModule({"main": _schedule_gemm1(problem, point)})
+    return tvm.IRModule({"main": _schedule_gemm2(problem, point, simd(target)[0])})

@@ -8,7 +8,9 @@ The ops, in order (names are the program's; `Problem.op` is the kernel kind):
   align          ids (T, K) -> the S routed rows sorted by expert, padded per expert to a multiple of BM
   experts.gemm1  gathered x rows @ gate_up_proj[e]^T, activation fused   -> act (NB*BM, I)
   experts.gemm2  act @ down_proj[e]^T, routing weight + combine to T rows fused -> (T, H)
-  shared.gemm1   the shared expert(s) as the same kernels with E = 1, K = 1 (one block list over T rows)
+  shared.route   (Qwen2-MoE's gated shared expert only) sigmoid(x . g) as a one-expert route
+  shared.align   the shared expert(s) as the same pipeline with E = 1, K = 1 (one block list over T rows)
+  shared.gemm1
   shared.gemm2
 
 Data-dependent token counts. The number of rows each expert receives is only known after routing. We handle
@@ -175,10 +177,29 @@ def lower(cfg: MoEConfig, m_tokens: int) -> MoEProgram:
         cfg.apply_router_weight_on_input,
     )
     if cfg.num_shared_experts:
-        # E = K = 1: one block list over the T rows; BM from the T rows alone.
-        ops += _gemm_problems(
-            cfg, "shared", cfg.hidden_size, cfg.shared_size, 1, 1, block_m_for(m_tokens, 1, 1), False, False
-        )
+        # The shared expert is the same pipeline with E = K = 1: every token is one row of expert 0. Its
+        # optional sigmoid gate is a route with one expert (topk_sigmoid: weight = sigmoid(x . g)), applied
+        # to the output rows; without a gate the rows' weight is 1.
+        sbm = block_m_for(m_tokens, 1, 1)
+        if cfg.shared_expert_gate:
+            gate = Problem.make(
+                "route",
+                cfg.dtype,
+                H=cfg.hidden_size,
+                E=1,
+                K=1,
+                router="topk_sigmoid",
+                norm=False,
+                scale=1.0,
+                n_group=1,
+                topk_group=1,
+                group_score="max",
+                bias=False,
+                cbias=False,
+            )
+            ops.append(ProgramOp("shared.route", gate))
+        ops.append(ProgramOp("shared.align", Problem.make("align", "int32", E=1, K=1, BM=sbm)))
+        ops += _gemm_problems(cfg, "shared", cfg.hidden_size, cfg.shared_size, 1, 1, sbm, False, False)
     return MoEProgram(cfg=cfg, m_tokens=m_tokens, m_bucket=bucket, block_m=bm, ops=tuple(ops))
 
 

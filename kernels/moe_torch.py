@@ -13,8 +13,12 @@ import torch.nn.functional as F
 from moetune.ir.program import Problem, route_config
 from moetune.kernels import reference as ref
 from moetune.kernels.ops import Aligned
-from moetune.kernels.registry import KernelConfig, register_impl
+from moetune.kernels.registry import KernelConfig, register_backend, register_impl
 from moetune.kernels.target import Target
+from moetune.schedules.space import SearchSpace
+
+# torch has nothing to tune: an empty space, whose only point is {}.
+register_backend("torch", space=lambda problem, target: SearchSpace(problem.op), default=lambda problem, target: {})
 
 
 @register_impl("route", "torch")

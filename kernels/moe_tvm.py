@@ -14,9 +14,12 @@ import torch
 
 from moetune.ir.program import Problem
 from moetune.kernels.ops import Aligned, max_blocks
-from moetune.kernels.registry import KernelConfig, register_impl
+from moetune.kernels.registry import KernelConfig, register_backend, register_impl
 from moetune.kernels.target import Target
 from moetune.kernels.tvm_build import build
+from moetune.schedules import cpu
+
+register_backend("tvm", space=cpu.space, default=cpu.default_point)
 
 _PACKED: dict[tuple, tuple[weakref.ref, torch.Tensor]] = {}
 
@@ -31,14 +34,28 @@ def pack_panels(w: torch.Tensor, panel: int) -> torch.Tensor:
 
 
 def _packed(source: torch.Tensor, part: slice, panel: int) -> torch.Tensor:
-    """pack_panels(source[:, part]) memoised on the source tensor's identity and version."""
-    key = (source.data_ptr(), source._version, tuple(source.shape), source.dtype, part.start, part.stop, panel)
+    """pack_panels(source[:, part]) memoised on the owning tensor's identity and version.
+
+    `source` may be a fresh view (e.g. weight.unsqueeze(0)); views share their base's version counter, so the
+    memo is keyed on the base and dropped when the base is freed.
+    """
+    owner = source._base if source._base is not None else source
+    key = (
+        source.data_ptr(),
+        source._version,
+        tuple(source.shape),
+        tuple(source.stride()),
+        source.dtype,
+        part.start,
+        part.stop,
+        panel,
+    )
     hit = _PACKED.get(key)
-    if hit is not None and hit[0]() is source:
+    if hit is not None and hit[0]() is owner:
         return hit[1]
     packed = pack_panels(source.detach()[:, part], panel)
-    _PACKED[key] = (weakref.ref(source), packed)
-    weakref.finalize(source, _PACKED.pop, key, None)
+    _PACKED[key] = (weakref.ref(owner), packed)
+    weakref.finalize(owner, _PACKED.pop, key, None)
     return packed
 
 

@@ -12,12 +12,16 @@ DeepSeek/Qwen routers do); expert outputs are weighted and summed in fp32, then 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
-from moetune.ir.program import Problem
 from moetune.kernels.ops import Aligned
 from moetune.model.config import MoEConfig
+
+if TYPE_CHECKING:  # ir.program imports model.config, whose package imports this module
+    from moetune.ir.program import Problem
 
 
 def router_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -47,7 +47,31 @@ class ImplInfo:
     targets: tuple[str, ...]  # target kinds it runs on: "cpu", "cuda"
 
 
+@dataclass(frozen=True)
+class BackendInfo:
+    """A backend's schedule space and default point per (problem, target)."""
+
+    name: str
+    space: Callable[[Any, Any], Any]  # (Problem, Target) -> schedules.space.SearchSpace
+    default: Callable[[Any, Any], dict[str, Any]]  # (Problem, Target) -> point
+
+
 _REGISTRY: dict[tuple[str, str], ImplInfo] = {}
+_BACKEND_INFO: dict[str, BackendInfo] = {}
+
+
+def register_backend(name: str, space: Callable[[Any, Any], Any], default: Callable[[Any, Any], dict]) -> None:
+    _BACKEND_INFO[name] = BackendInfo(name, space, default)
+
+
+def backend_info(name: str) -> BackendInfo:
+    _load(name)
+    return _BACKEND_INFO[name]
+
+
+def default_config(problem: Any, backend: str, target: Any) -> KernelConfig:
+    """The backend's default (untuned) config for a problem on a target."""
+    return KernelConfig.of(backend, backend_info(backend).default(problem, target))
 
 
 def register_impl(op: str, backend: str, targets: tuple[str, ...] = ("cpu",)):

@@ -124,13 +124,13 @@ def _tile_accumulators(sch, out_block, acc_blocks, point: Point, rows_split: boo
         blk = sch.get_sblock(name)
         sch.compute_at(blk, anchor)
         sch.set_scope(blk, 0, "local")
-        inner = sch.get_loops(blk)[depth:]  # (mi), ni, k: compute_at drops unit loops
-        red = inner[-1]
+        *spatial, red = sch.get_loops(blk)[depth:]  # (mi), (ni), k: compute_at drops unit loops
         ko, ki = sch.split(red, [None, point["kt"]])
-        sch.reorder(ko, ki, *inner[:-1])
-        sch.vectorize(inner[-2])
-        if len(inner) == 3:
-            sch.unroll(inner[0])
+        sch.reorder(ko, ki, *spatial)
+        if spatial:  # empty only for a 1-column, 1-row tile (a one-expert route)
+            sch.vectorize(spatial[-1])
+        if len(spatial) == 2:
+            sch.unroll(spatial[0])
         sch.unroll(ki)
     fused = point["par"] == "nb*n"
     sch.parallel(sch.fuse(b, no) if fused else b)  # before decompose_reduction, or s_tir refuses

@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/moetune targets
-	$(VENV)/bin/moetune presets
+	$(VENV)/bin/moetune bench --preset qwen3-30b-a3b --tokens 1,16,256 --no-save
 
 # pytest exits 5 when it collects no tests; that is not a failure of the suite.
 test: $(STAMP)

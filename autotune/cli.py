@@ -103,5 +103,99 @@ def presets(as_json: JsonFlag = False) -> None:
     console.print(table)
 
 
+def _parse_ints(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        fail(f"{what} must be comma-separated integers, got {text!r}")
+    if not values or min(values) < 1:
+        fail(f"{what} must be integers >= 1, got {text!r}")
+    return values
+
+
+def _shrunk(cfg, factor: int):
+    if factor == 1:
+        return cfg
+    return cfg.replace(
+        name=f"{cfg.name}/{factor}",
+        hidden_size=max(8, cfg.hidden_size // factor),
+        intermediate_size=max(8, cfg.intermediate_size // factor),
+        shared_intermediate_size=max(8, cfg.shared_intermediate_size // factor) if cfg.num_shared_experts else 0,
+    )
+
+
+@app.command()
+def bench(
+    preset: Annotated[
+        list[str], typer.Option("--preset", "-p", help="Model preset (repeatable); see `moetune presets`.")
+    ] = ["qwen3-30b-a3b"],  # noqa: B006
+    tokens: Annotated[str, typer.Option("--tokens", "-t", help="Comma-separated token counts T.")] = "1,16,256",
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
+    providers: Annotated[str, typer.Option(help="Comma-separated: reference, torch, tvm.")] = "reference,torch,tvm",
+    repeat: Annotated[int, typer.Option(min=1, help="Timed calls per cell (after 2 warm-ups).")] = 10,
+    shrink: Annotated[
+        int, typer.Option(min=1, help="Divide H and I (and the shared width) by this, for quick smoke runs.")
+    ] = 1,
+    out: Annotated[
+        str | None, typer.Option(help="CSV to append rows to [default: results/<machine>/layer_bench.csv]")
+    ] = None,
+    save: Annotated[bool, typer.Option(help="Append the rows to the CSV.")] = True,
+    as_json: JsonFlag = False,
+) -> None:
+    """Time one whole MoE layer: the reference vs TunedMoE on each backend, in one run, same weights."""
+    from pathlib import Path
+
+    from moetune.autotune.bench import PROVIDERS, append_csv, bench_layer
+    from moetune.autotune.measure import machine_name
+    from moetune.model import MoEConfig
+
+    token_list = _parse_ints(tokens, "--tokens")
+    chosen = tuple(p.strip() for p in providers.split(",") if p.strip())
+    bad = [p for p in chosen if p not in PROVIDERS]
+    if bad or not chosen:
+        fail(f"unknown provider(s) {', '.join(bad) or '(none)'}; available: {', '.join(PROVIDERS)}")
+    try:
+        configs = [_shrunk(MoEConfig.preset(name, dtype=dtype), shrink) for name in preset]
+    except ValueError as exc:
+        fail(str(exc))
+    rows = []
+    with console.status("benchmarking") as status:
+        for cfg in configs:
+            status.update(f"{cfg.name} {cfg.dtype}: building weights and kernels")
+            rows += bench_layer(
+                cfg,
+                token_list,
+                chosen,
+                repeat=repeat,
+                on_row=lambda r: status.update(f"{r.preset} {r.dtype} T={r.tokens}: {r.provider} done"),
+            )
+    if save:
+        path = Path(out) if out else Path("results") / machine_name() / "layer_bench.csv"
+        append_csv(rows, path)
+    if as_json:
+        from dataclasses import asdict
+
+        _print_json([asdict(r) for r in rows])
+        return
+    table = Table(title=f"one MoE layer forward on {machine_name()} (p50 of {repeat}; speedup vs reference)")
+    for column in ("preset", "dtype", "T", "provider", "p20 ms", "p50 ms", "p80 ms", "GFLOP/s", "speedup"):
+        table.add_column(column, justify="left" if column in ("preset", "dtype", "provider") else "right")
+    for r in rows:
+        table.add_row(
+            r.preset,
+            r.dtype,
+            str(r.tokens),
+            r.provider,
+            f"{r.p20_ms:.2f}",
+            f"{r.p50_ms:.2f}",
+            f"{r.p80_ms:.2f}",
+            f"{r.gflops:.1f}",
+            f"{r.speedup_vs_reference:.2f}x",
+        )
+    console.print(table)
+    if save:
+        console.print(f"rows appended to {path}")
+
+
 if __name__ == "__main__":
     app()

@@ -9,13 +9,16 @@ packed weight layout makes them contiguous). The parallel loop is the blocks, or
   nt   panel width = vectorised columns; also the packed weight layout (a multiple of the SIMD lanes)
   mt   rows per register tile; a divisor of BM (BM is static, so no predicate: see ir/tvm_ir.py)
   kt   reduction unroll; divides the reduction length so the innermost loop has no bounds check
-  par  "nb": parallel over blocks; "nb*n": over blocks x column panels (needed when NB < cores)
+  order "panels_outer": for each column panel, all blocks (blocks are sorted by expert, so one expert's
+       weight panel is read from memory once and reused from cache by its other blocks); "blocks_outer"
+  par  "outer": parallel over the outer loop; "fused": over outer x inner (balances small NB or few panels)
 Constraint "registers": the accumulator tiles must fit the vector register file with room for the loads.
 Router logits use mt = 1 (T is symbolic and not split, for the same compile reason) and parallelise rows.
 
-Default point (good without tuning): the widest nt in {32, 16, 8} not larger than the output width rounded
-up to the lanes; the largest mt that divides BM and fits the registers; kt = 4 when it divides the reduction
-(else the largest divisor among 2, 1); par = "nb*n" (balances load whatever NB is).
+Default point (good without tuning): among the (mt, nt) that fit the registers (mt dividing BM, nt not wider
+than the output), the one with the most FMAs per load per reduction step (tiles*mt*nt/lanes FMAs against
+mt broadcasts + tiles*nt/lanes weight loads), ties to the wider nt; kt = 4 when it divides the reduction
+(else 2, else 1); order = "panels_outer" (weight traffic once per expert); par = "fused".
 
 align and route's top-k selection are sequential TVMScript (ir/tvm_script.py): their spaces are empty.
 """
@@ -34,7 +37,8 @@ from moetune.schedules.space import Constraint, Param, Point, SearchSpace
 NT_CHOICES = (8, 16, 32, 64)
 MT_CHOICES = (1, 2, 3, 4, 6, 8)
 KT_CHOICES = (1, 2, 4, 8)
-PAR_CHOICES = ("nb", "nb*n")
+PAR_CHOICES = ("outer", "fused")
+ORDER_CHOICES = ("panels_outer", "blocks_outer")
 
 
 @cache
@@ -71,7 +75,9 @@ def space(problem: Problem, target: Target) -> SearchSpace:
             Param("nt", tuple(v for v in NT_CHOICES if v >= lanes), "vectorised columns = packed panel width"),
             Param("mt", mts, "rows per register tile (divides BM)"),
             Param("kt", KT_CHOICES, "reduction unroll (divides the reduction length)"),
-            Param("par", PAR_CHOICES, "parallel loop: blocks, or blocks x column panels"),
+            Param("order", ORDER_CHOICES, "outer loop: column panels (a weight panel stays in cache across the "
+                  "blocks of one expert) or blocks"),
+            Param("par", PAR_CHOICES, "parallel loop: the outer loop, or outer x inner fused"),
         ),
         constraints=(
             Constraint("mt_divides_bm", f"mt must divide BM={bm}", lambda p: bm % p["mt"] == 0),
@@ -94,15 +100,22 @@ def default_point(problem: Problem, target: Target) -> Point:
     sp = space(problem, target)
     if not sp.params:
         return {}
-    lanes, vregs = simd(target)
-    n, red, bm, tiles = _gemm_dims(problem)
-    nt = next(v for v in (32, 16, 8, lanes) if v <= max(lanes, -(-n // lanes) * lanes) and v >= lanes)
+    lanes, _ = simd(target)
+    _, red, _, tiles = _gemm_dims(problem)
     kt = next(v for v in (4, 2, 1) if red % v == 0)
-    mts = [m for m in sp.params[1].choices if bm % m == 0 and tiles * m * nt // lanes <= vregs - 4]
-    point = {"nt": nt, "mt": max(mts), "kt": kt, "par": "nb*n"}
-    if not sp.is_feasible(point):
-        raise AssertionError(f"default point {point} infeasible for {problem}: {sp.violations(point)}")
-    return point
+    base = {"kt": kt, "order": "panels_outer", "par": "fused"}
+    tiles_ok = [
+        (mt, nt) for nt in sp.params[0].choices for mt in sp.params[1].choices
+        if sp.is_feasible({**base, "mt": mt, "nt": nt})
+    ]
+
+    def merit(mt_nt: tuple[int, int]) -> tuple[float, int]:
+        mt, nt = mt_nt
+        vectors = nt // lanes
+        return tiles * mt * vectors / (mt + tiles * vectors), nt
+
+    mt, nt = max(tiles_ok, key=merit)
+    return {**base, "mt": mt, "nt": nt}
 
 
 # ---- applying a point --------------------------------------------------------------------------------------
@@ -113,13 +126,16 @@ def _tile_accumulators(sch, out_block, acc_blocks, point: Point, rows_split: boo
         b, m, n = loops
         mo, mi = sch.split(m, [None, point["mt"]])
         no, ni = sch.split(n, [None, point["nt"]])
-        sch.reorder(b, no, mo, mi, ni)
-        anchor, depth = mo, 3  # loops down to the anchor: b, no, mo
+        outer, inner = (no, b) if point["order"] == "panels_outer" else (b, no)
+        sch.reorder(outer, inner, mo, mi, ni)
+        anchor = mo  # loops down to the anchor: outer, inner, mo
     else:  # router logits (t, n): rows are symbolic, never split
         b, n = loops
         no, ni = sch.split(n, [None, point["nt"]])
-        sch.reorder(b, no, ni)
-        anchor, depth = no, 2  # t, no
+        outer, inner = (no, b) if point["order"] == "panels_outer" else (b, no)
+        sch.reorder(outer, inner, ni)
+        anchor = inner  # outer, inner
+    depth = 3 if rows_split else 2
     for name in acc_blocks:
         blk = sch.get_sblock(name)
         sch.compute_at(blk, anchor)
@@ -132,8 +148,8 @@ def _tile_accumulators(sch, out_block, acc_blocks, point: Point, rows_split: boo
         if len(spatial) == 2:
             sch.unroll(spatial[0])
         sch.unroll(ki)
-    fused = point["par"] == "nb*n"
-    sch.parallel(sch.fuse(b, no) if fused else b)  # before decompose_reduction, or s_tir refuses
+    fused = point["par"] == "fused"
+    sch.parallel(sch.fuse(outer, inner) if fused else outer)  # before decompose_reduction, or s_tir refuses
     sch.vectorize(ni)
     for name in acc_blocks:  # the accumulator's init goes above the reduction loop ko
         blk = sch.get_sblock(name)

@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _kernel_cache(tmp_path_factory):
+    """Compiled kernels go to a fresh cache dir: tests never read (or pollute) the user's ~/.cache/moetune."""
+    old = os.environ.get("MOETUNE_CACHE_DIR")
+    os.environ["MOETUNE_CACHE_DIR"] = str(tmp_path_factory.mktemp("moetune-cache"))
+    yield
+    if old is None:
+        os.environ.pop("MOETUNE_CACHE_DIR", None)
+    else:
+        os.environ["MOETUNE_CACHE_DIR"] = old
 
 
 @pytest.fixture(autouse=True)

@@ -51,3 +51,45 @@ def test_console_script_and_bad_option_exit_2():
     assert script.exists(), "the moetune console script is not installed next to the interpreter"
     bad = subprocess.run([str(script), "targets", "--bogus"], capture_output=True, text=True)
     assert bad.returncode == 2 and "No such option" in bad.stderr
+
+
+def test_bench_smoke_writes_csv_rows(tmp_path):
+    out = tmp_path / "bench.csv"
+    result = runner.invoke(
+        app,
+        [
+            "bench",
+            "-p",
+            "olmoe-1b-7b",
+            "--tokens",
+            "1,5",
+            "--shrink",
+            "32",
+            "--repeat",
+            "2",
+            "--out",
+            str(out),
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    assert {(r["tokens"], r["provider"]) for r in rows} == {
+        (t, p) for t in (1, 5) for p in ("reference", "torch", "tvm")
+    }
+    assert all(r["p20_ms"] <= r["p50_ms"] <= r["p80_ms"] and r["gflops"] > 0 for r in rows)
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("machine,preset,dtype,tokens,provider") and len(lines) == 1 + len(rows)
+
+
+def test_bench_bad_input_exits_2():
+    for args, message in [
+        (["bench", "--tokens", "1,x"], "--tokens must be comma-separated integers"),
+        (["bench", "--tokens", "0"], "--tokens must be integers >= 1"),
+        (["bench", "-p", "qwen9"], "unknown preset 'qwen9'"),
+        (["bench", "--providers", "reference,gpu"], "unknown provider(s) gpu"),
+        (["bench", "--dtype", "int8"], "dtype must be one of"),
+    ]:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.output, (args, result.output)

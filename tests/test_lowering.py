@@ -1,0 +1,116 @@
+"""Lowering (MoEConfig -> MoEProgram), problem signatures, schedule spaces, and the compiled-kernel cache."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from moetune.ir.program import Problem, block_m_for, lower, m_bucket
+from moetune.kernels.target import resolve_target
+from moetune.model import MoEConfig
+from moetune.schedules import cpu
+
+
+def test_program_ops_in_order():
+    assert [o.name for o in lower(MoEConfig.preset("qwen3-30b-a3b"), 16)] == [
+        "route",
+        "align",
+        "experts.gemm1",
+        "experts.gemm2",
+    ]
+    gated = lower(MoEConfig.preset("qwen1.5-moe-a2.7b"), 16)
+    assert [o.name for o in gated][4:] == ["shared.route", "shared.align", "shared.gemm1", "shared.gemm2"]
+    assert gated.op("shared.gemm1")["I"] == 5632 and gated.op("shared.gemm1")["E"] == 1
+    assert [o.name for o in lower(MoEConfig.preset("deepseek-v3"), 1)][4:] == [
+        "shared.align",
+        "shared.gemm1",
+        "shared.gemm2",
+    ]
+
+
+def test_signatures_are_canonical():
+    program = lower(MoEConfig.preset("qwen3-30b-a3b"), 256)
+    assert program.op("experts.gemm1").signature == (
+        "gemm1[H=2048,I=768,E=128,BM=8,act=silu,alpha=0.0,limit=0.0,bias=0,w_in=0]:bfloat16"
+    )
+    assert program.op("align").signature == "align[E=128,K=8,BM=8]:int32"
+    assert lower(MoEConfig.preset("qwen3-30b-a3b"), 200).op("experts.gemm1") == program.op("experts.gemm1")
+    # Llama 4 applies the routing weight to the input rows, so gemm2 does not weight its output
+    llama = lower(MoEConfig.preset("llama4-scout"), 1)
+    assert llama.op("experts.gemm1")["w_in"] and not llama.op("experts.gemm2")["w_out"]
+
+
+def test_problem_validation():
+    with pytest.raises(ValueError, match="unknown op 'conv'"):
+        Problem.make("conv", "float32", H=1)
+    with pytest.raises(ValueError, match="align needs dims E, K, BM"):
+        Problem.make("align", "int32", E=4, K=2)
+
+
+def test_m_bucket_and_block_m():
+    assert [m_bucket(t) for t in (1, 2, 3, 16, 17, 256)] == [1, 2, 4, 16, 32, 256]
+    assert block_m_for(1, 8, 128) == 1  # decode: one row per block, no padding
+    assert block_m_for(256, 8, 128) == 8  # 16 rows per expert on average -> blocks of 8
+    assert block_m_for(4096, 2, 8) == 32  # capped
+    with pytest.raises(ValueError, match="token count must be >= 1"):
+        m_bucket(0)
+
+
+@pytest.mark.parametrize("name", MoEConfig.presets())
+def test_default_points_are_feasible(name):
+    target = resolve_target("cpu")
+    for t in (1, 16, 256):
+        for op in lower(MoEConfig.preset(name), t):
+            space = cpu.space(op.problem, target)
+            point = cpu.default_point(op.problem, target)
+            assert space.is_feasible(point), (op.name, point, space.violations(point))
+
+
+def test_space_is_data_with_named_constraints():
+    target = resolve_target("cpu")
+    problem = lower(MoEConfig.preset("qwen3-30b-a3b"), 256).op("experts.gemm1")
+    space = cpu.space(problem, target)
+    assert space.names == ("nt", "mt", "kt", "order", "par")
+    assert set(space.describe()["constraints"]) == {
+        "mt_divides_bm",
+        "kt_divides_k",
+        "registers",
+        "panel_not_wider_than_output",
+    }
+    feasible = list(space.points())
+    assert 0 < len(feasible) < sum(1 for _ in space.grid())
+    assert any("mt_divides_bm" in v for v in space.violations({**feasible[0], "mt": 3}))
+    assert space.violations({**feasible[0], "nt": 7}) == ["nt=7 not in (8, 16, 32, 64)"]
+    with pytest.raises(ValueError, match="infeasible point"):
+        cpu.scheduled_module(problem, {**feasible[0], "mt": 3}, target)
+
+
+_BUILD = """
+import sys
+from moetune.ir.program import lower
+from moetune.kernels import tvm_build
+from moetune.kernels.target import resolve_target
+from moetune.model import MoEConfig
+from moetune.schedules import cpu
+if sys.argv[1] == "forbid":
+    def no_compile(*a, **k):
+        raise SystemExit("recompiled although the cache holds the kernel")
+    tvm_build.compile_op = no_compile
+p = lower(MoEConfig(hidden_size=24, intermediate_size=16, num_experts=4, top_k=2), 8).op("experts.gemm1")
+t = resolve_target("cpu")
+tvm_build.build(p, cpu.default_point(p, t), t)
+print(len(list(tvm_build.cache_dir().glob("*.so"))))
+"""
+
+
+def test_second_process_loads_the_cached_kernel(tmp_path):
+    env = {**os.environ, "MOETUNE_CACHE_DIR": str(tmp_path)}
+    first = subprocess.run([sys.executable, "-c", _BUILD, "compile"], env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() == "1"
+    second = subprocess.run([sys.executable, "-c", _BUILD, "forbid"], env=env, capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr + second.stdout
+    assert second.stdout.strip() == "1"

@@ -75,8 +75,11 @@ def space(problem: Problem, target: Target) -> SearchSpace:
             Param("nt", tuple(v for v in NT_CHOICES if v >= lanes), "vectorised columns = packed panel width"),
             Param("mt", mts, "rows per register tile (divides BM)"),
             Param("kt", KT_CHOICES, "reduction unroll (divides the reduction length)"),
-            Param("order", ORDER_CHOICES, "outer loop: column panels (a weight panel stays in cache across the "
-                  "blocks of one expert) or blocks"),
+            Param(
+                "order",
+                ORDER_CHOICES,
+                "outer loop: column panels (a weight panel stays in cache across the blocks of one expert) or blocks",
+            ),
             Param("par", PAR_CHOICES, "parallel loop: the outer loop, or outer x inner fused"),
         ),
         constraints=(
@@ -105,7 +108,9 @@ def default_point(problem: Problem, target: Target) -> Point:
     kt = next(v for v in (4, 2, 1) if red % v == 0)
     base = {"kt": kt, "order": "panels_outer", "par": "fused"}
     tiles_ok = [
-        (mt, nt) for nt in sp.params[0].choices for mt in sp.params[1].choices
+        (mt, nt)
+        for nt in sp.params[0].choices
+        for mt in sp.params[1].choices
         if sp.is_feasible({**base, "mt": mt, "nt": nt})
     ]
 

@@ -3,8 +3,8 @@
 Providers (all on the same weights and the same rotating inputs):
   reference   model.MoE, the readable reference (a loop over experts)
   torch       TunedMoE restricted to the torch backend (sort-based, vectorised)
-  tvm         TunedMoE on TVM kernels with each op's default schedule point (untuned)
-  tuned       TunedMoE with configs from the kernel DB (issue #4; not yet available)
+  tvm         TunedMoE on TVM kernels with each op's default schedule point (untuned, DB ignored)
+  tuned       TunedMoE with the kernel DB's winners (exact M bucket, else the nearest; else defaults)
 One CSV row per (preset, dtype, T, provider) with machine, versions, config and timestamp.
 """
 
@@ -23,7 +23,7 @@ import torch
 from moetune.autotune.measure import Timing, machine_name, measure
 from moetune.model.config import MoEConfig
 
-PROVIDERS = ("reference", "torch", "tvm")
+PROVIDERS = ("reference", "torch", "tvm", "tuned")
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ def _versions() -> str:
     return json.dumps({"torch": torch.__version__, "tvm": tvm.__version__, "threads": torch.get_num_threads()})
 
 
-def _providers(ref, names: tuple[str, ...], target: str) -> dict[str, tuple[Callable[[Any], Any], Any]]:
+def _providers(ref, names: tuple[str, ...], target: str, db: Any) -> dict[str, tuple[Callable[[Any], Any], Any]]:
     from moetune.model.tuned import TunedMoE
 
     out: dict[str, tuple[Callable[[Any], Any], Any]] = {}
@@ -58,7 +58,10 @@ def _providers(ref, names: tuple[str, ...], target: str) -> dict[str, tuple[Call
         if name == "reference":
             out[name] = (ref, None)
         elif name in ("torch", "tvm"):
-            tuned = TunedMoE.from_module(ref, target=target, backends=(name,))
+            tuned = TunedMoE.from_module(ref, target=target, backends=(name,), db=False)
+            out[name] = (tuned, tuned)
+        elif name == "tuned":
+            tuned = TunedMoE.from_module(ref, target=target, db=db)
             out[name] = (tuned, tuned)
         else:
             raise ValueError(f"unknown provider {name!r}; available: {', '.join(PROVIDERS)}")
@@ -72,6 +75,7 @@ def bench_layer(
     target: str = "cpu",
     repeat: int = 10,
     on_row: Callable[[BenchRow], None] | None = None,
+    db: Any = None,
 ) -> list[BenchRow]:
     from moetune.model.moe import MoE
 
@@ -79,7 +83,7 @@ def bench_layer(
     ref = MoE(cfg).eval()
     if cfg.score_correction_bias:
         ref.router.e_score_correction_bias.normal_(std=0.05)
-    impls = _providers(ref, providers, target)
+    impls = _providers(ref, providers, target, db)
     rows, machine, versions = [], machine_name(), _versions()
     for t in tokens:
         inputs = [torch.randn(t, cfg.hidden_size, dtype=cfg.torch_dtype) for _ in range(3)]

@@ -6,13 +6,12 @@ stderr and exit code 2.
 
 from __future__ import annotations
 
-import json
-import sys
-from typing import Annotated, Any, NoReturn
+from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
+
+from moetune.autotune.cli_common import JsonFlag, console, fail, print_json
 
 app = typer.Typer(
     name="moetune",
@@ -21,21 +20,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-# Piped output (make demo, CI logs) gets a wide fixed width instead of rich's 80-column default.
-console = Console(width=None if sys.stdout.isatty() else 140)
-err_console = Console(stderr=True)
-
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
-
-
-def fail(message: str) -> NoReturn:
-    """Bad input: one line on stderr, exit code 2."""
-    err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
-
-
-def _print_json(data: Any) -> None:
-    typer.echo(json.dumps(data, indent=2))
 
 
 @app.command()
@@ -45,7 +29,7 @@ def targets(as_json: JsonFlag = False) -> None:
 
     found = detect_targets()
     if as_json:
-        _print_json(found)
+        print_json(found)
         return
     table = Table(title="moetune targets")
     for column in ("kind", "name", "target", "details"):
@@ -83,7 +67,7 @@ def presets(as_json: JsonFlag = False) -> None:
             }
         )
     if as_json:
-        _print_json(rows)
+        print_json(rows)
         return
     table = Table(title="MoE presets (one layer)")
     for column in ("name", "H", "I", "E", "K", "router", "shared Is", "act", "GFLOP/token"):
@@ -131,7 +115,10 @@ def bench(
     ] = ["qwen3-30b-a3b"],  # noqa: B006
     tokens: Annotated[str, typer.Option("--tokens", "-t", help="Comma-separated token counts T.")] = "1,16,256",
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
-    providers: Annotated[str, typer.Option(help="Comma-separated: reference, torch, tvm.")] = "reference,torch,tvm",
+    providers: Annotated[
+        str, typer.Option(help="Comma-separated: reference, torch, tvm (untuned defaults), tuned (kernel DB).")
+    ] = "reference,torch,tvm,tuned",
+    db: Annotated[str | None, typer.Option(help="Kernel DB for the tuned provider [default: the embedded DB]")] = None,
     repeat: Annotated[int, typer.Option(min=1, help="Timed calls per cell (after 2 warm-ups).")] = 10,
     shrink: Annotated[
         int, typer.Option(min=1, help="Divide H and I (and the shared width) by this, for quick smoke runs.")
@@ -167,6 +154,7 @@ def bench(
                 token_list,
                 chosen,
                 repeat=repeat,
+                db=db,
                 on_row=lambda r: status.update(f"{r.preset} {r.dtype} T={r.tokens}: {r.provider} done"),
             )
     if save:
@@ -175,7 +163,7 @@ def bench(
     if as_json:
         from dataclasses import asdict
 
-        _print_json([asdict(r) for r in rows])
+        print_json([asdict(r) for r in rows])
         return
     table = Table(title=f"one MoE layer forward on {machine_name()} (p50 of {repeat}; speedup vs reference)")
     for column in ("preset", "dtype", "T", "provider", "p20 ms", "p50 ms", "p80 ms", "GFLOP/s", "speedup"):
@@ -195,6 +183,18 @@ def bench(
     console.print(table)
     if save:
         console.print(f"rows appended to {path}")
+
+
+def _mount() -> None:
+    from moetune.autotune.tune_cli import tune_command
+
+    app.command("tune")(tune_command)
+    from moetune.autotune.db_cli import db_app
+
+    app.add_typer(db_app, name="db")
+
+
+_mount()
 
 
 if __name__ == "__main__":

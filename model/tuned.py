@@ -4,14 +4,21 @@ Same constructor input (an MoEConfig), same forward signature, same parameter na
 model.MoE. Per batch size it lowers the config (ir.lower, cached per M bucket), picks one (backend, config)
 per op, and runs route -> align -> gemm1 -> gemm2 (+ the shared expert's align -> gemm1 -> gemm2).
 
-Choosing kernels. `configs` maps an op name ("experts.gemm1") or a problem signature to a KernelConfig (or
-{"backend": ..., "params": {...}}); an op without an entry gets the first backend of `backends` that
-implements it on the target, with that backend's default point (schedules/). It performs no tuning itself.
+Choosing kernels, per op, first match wins:
+  1. `configs`: an op name ("experts.gemm1") or a problem signature -> KernelConfig (or
+     {"backend": ..., "params": {...}});
+  2. the kernel database `db` (autotune/db.py): the winner for (target, problem, M bucket) with the current
+     versions, else the winner of the nearest tuned M bucket; stale records (other versions or kernel
+     source) are reported with a warning and never used; `db=None` reads the embedded default DB if it
+     exists, `db=False` reads none;
+  3. the first backend of `backends` that implements the op on the target, at its default point.
+It performs no tuning itself (that is `moetune tune` / moetune.autotune.tune).
 Inference only: the kernels have no backward, so forward runs under no_grad.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -34,6 +41,20 @@ def _as_kernel_config(spec: ConfigSpec) -> KernelConfig:
     raise ValueError(f"a kernel config is a KernelConfig or {{'backend': ..., 'params': {{...}}}}, got {spec!r}")
 
 
+def _open_db(db: Any):
+    """None -> the embedded default DB if it exists (never created here); False -> none; else open_db(db)."""
+    if db is False:
+        return None
+    from moetune.autotune.db import KernelDB, default_db_path, open_db
+
+    if isinstance(db, KernelDB):
+        return db
+    if db is None:
+        path = default_db_path()
+        return open_db(path) if "://" in str(path) or path.exists() else None
+    return open_db(db)
+
+
 class TunedMoE(nn.Module):
     """MoE layer on tuned (or default) kernels: forward(x[..., H]) -> same shape and dtype."""
 
@@ -43,6 +64,7 @@ class TunedMoE(nn.Module):
         target: str = "cpu",
         configs: dict[str, ConfigSpec] | None = None,
         backends: tuple[str, ...] = BACKENDS,
+        db: Any = None,
         _from: MoE | None = None,
     ):
         super().__init__()
@@ -53,6 +75,7 @@ class TunedMoE(nn.Module):
             raise ValueError(f"backends must be a non-empty subset of {', '.join(BACKENDS)}, got {backends}")
         self.backends = tuple(backends)
         self.configs = {k: _as_kernel_config(v) for k, v in (configs or {}).items()}
+        self.db = _open_db(db)
         # Parameters: shared with the module we were built from, else freshly initialised like MoE's.
         self.router = _from.router if _from is not None else Router(cfg)
         self.experts = _from.experts if _from is not None else Experts(cfg)
@@ -60,7 +83,7 @@ class TunedMoE(nn.Module):
             self.shared_expert = _from.shared_expert
         else:
             self.shared_expert = SharedExpert(cfg) if cfg.num_shared_experts else None
-        self._plans: dict[int, tuple[MoEProgram, dict[str, tuple[Any, KernelConfig]]]] = {}
+        self._plans: dict[int, tuple[MoEProgram, dict[str, tuple[Any, KernelConfig, str]]]] = {}
 
     @classmethod
     def from_module(
@@ -69,37 +92,60 @@ class TunedMoE(nn.Module):
         target: str = "cpu",
         configs: dict[str, ConfigSpec] | None = None,
         backends: tuple[str, ...] = BACKENDS,
+        db: Any = None,
     ) -> TunedMoE:
         """A TunedMoE sharing `module`'s parameters (no copy): same state_dict keys and values."""
         if not isinstance(module, MoE):
             raise ValueError(f"TunedMoE.from_module takes a moetune MoE, got {type(module).__name__}")
-        return cls(module.cfg, target=target, configs=configs, backends=backends, _from=module)
+        return cls(module.cfg, target=target, configs=configs, backends=backends, db=db, _from=module)
 
     # ---- choosing kernels -------------------------------------------------------------------------------------
-    def _choose(self, name: str, problem: Problem) -> tuple[Any, KernelConfig]:
-        spec = self.configs.get(name) or self.configs.get(problem.signature)
+    def _choose(self, name: str, problem: Problem, bucket: int) -> tuple[Any, KernelConfig, str]:
+        spec, source = self.configs.get(name) or self.configs.get(problem.signature), "config"
+        if spec is None and self.db is not None:
+            spec, source = self._from_db(name, problem, bucket)
         if spec is None:
             candidates = backends_for(problem.op, self.target.kind, self.backends)
             if not candidates:
                 raise ValueError(f"no backend among {self.backends} implements {problem.op} on {self.target}")
-            spec = default_config(problem, candidates[0], self.target)
+            spec, source = default_config(problem, candidates[0], self.target), "default"
         if spec.backend not in self.backends:
             raise ValueError(f"{name}: backend {spec.backend!r} is not in the allowed backends {self.backends}")
         violations = backend_info(spec.backend).space(problem, self.target).violations(spec.as_dict())
         if violations:
             raise ValueError(f"{name}: config {spec.as_dict()} is infeasible for {problem}: {'; '.join(violations)}")
-        return get_impl(problem.op, spec.backend), spec
+        return get_impl(problem.op, spec.backend), spec, source
+
+    def _from_db(self, name: str, problem: Problem, bucket: int) -> tuple[KernelConfig | None, str]:
+        from moetune.autotune.db import KernelKey, current_versions
+
+        found = self.db.lookup(
+            KernelKey(self.target.name, problem.signature, problem.dtype, bucket), current_versions()
+        )
+        if found.stale:
+            warnings.warn(
+                f"moetune: {len(found.stale)} stale kernel record(s) for {name} ({problem.signature}, M={bucket}) "
+                "were tuned with other versions and are not used; re-run `moetune tune`",
+                stacklevel=4,
+            )
+        record = found.record
+        if record is None or record.backend not in self.backends:
+            return None, "default"
+        spec = KernelConfig.of(record.backend, record.config)
+        if backend_info(record.backend).space(problem, self.target).violations(spec.as_dict()):
+            return None, "default"  # e.g. a nearest-M winner whose tile does not divide this bucket's BM
+        return spec, f"db:{found.kind}"
 
     def plan(self, m_tokens: int) -> tuple[MoEProgram, dict[str, tuple[Any, KernelConfig]]]:
         """The lowered program for a batch of m_tokens and the (impl, config) chosen for each of its ops."""
         bucket = m_bucket(m_tokens)
         if bucket not in self._plans:
             program = lower(self.cfg, bucket)
-            self._plans[bucket] = (program, {op.name: self._choose(op.name, op.problem) for op in program})
+            self._plans[bucket] = (program, {op.name: self._choose(op.name, op.problem, bucket) for op in program})
         return self._plans[bucket]
 
     def describe(self, m_tokens: int) -> list[dict[str, Any]]:
-        """Per op: name, problem signature, backend and config (for reports and the CLI)."""
+        """Per op: name, problem signature, backend, config and where it came from (config/db:.../default)."""
         program, chosen = self.plan(m_tokens)
         return [
             {
@@ -107,13 +153,14 @@ class TunedMoE(nn.Module):
                 "problem": op.problem.signature,
                 "backend": chosen[op.name][1].backend,
                 "config": chosen[op.name][1].as_dict(),
+                "source": chosen[op.name][2],
             }
             for op in program
         ]
 
     # ---- running ----------------------------------------------------------------------------------------------
     def _run(self, chosen, program: MoEProgram, name: str, *args):
-        impl, config = chosen[name]
+        impl, config, _ = chosen[name]
         return impl.fn(program.op(name), config, self.target, *args)
 
     @torch.no_grad()

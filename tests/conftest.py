@@ -12,14 +12,17 @@ torch.set_num_threads(2)
 
 @pytest.fixture(autouse=True, scope="session")
 def _kernel_cache(tmp_path_factory):
-    """Compiled kernels go to a fresh cache dir: tests never read (or pollute) the user's ~/.cache/moetune."""
-    old = os.environ.get("MOETUNE_CACHE_DIR")
-    os.environ["MOETUNE_CACHE_DIR"] = str(tmp_path_factory.mktemp("moetune-cache"))
+    """Compiled kernels and the kernel DB go to a fresh dir: tests never read or pollute ~/.cache/moetune."""
+    root = tmp_path_factory.mktemp("moetune-cache")
+    old = {name: os.environ.get(name) for name in ("MOETUNE_CACHE_DIR", "MOETUNE_DB")}
+    os.environ["MOETUNE_CACHE_DIR"] = str(root)
+    os.environ["MOETUNE_DB"] = str(root / "kernels.db")
     yield
-    if old is None:
-        os.environ.pop("MOETUNE_CACHE_DIR", None)
-    else:
-        os.environ["MOETUNE_CACHE_DIR"] = old
+    for name, value in old.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(autouse=True)

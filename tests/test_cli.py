@@ -75,7 +75,7 @@ def test_bench_smoke_writes_csv_rows(tmp_path):
     assert result.exit_code == 0, result.output
     rows = json.loads(result.output)
     assert {(r["tokens"], r["provider"]) for r in rows} == {
-        (t, p) for t in (1, 5) for p in ("reference", "torch", "tvm")
+        (t, p) for t in (1, 5) for p in ("reference", "torch", "tvm", "tuned")
     }
     assert all(r["p20_ms"] <= r["p50_ms"] <= r["p80_ms"] and r["gflops"] > 0 for r in rows)
     lines = out.read_text().splitlines()

@@ -1,0 +1,171 @@
+"""What a worker does with one Task: build the candidate, check it against the reference, time it.
+
+Inputs come from the layer itself: random weights of the config (built once per worker and config) and
+random tokens routed and aligned by the torch backend, so each op sees the data layout it sees in a real
+forward. Verification uses fresh inputs (another seed) plus edge cases that the same compiled kernel must
+handle: a single token, every token on one expert (which leaves all other experts with zero rows), and the
+study's T. A wrong kernel is a failed trial. Timing rotates three input sets.
+
+Tolerances (norm-wise relative error against the fp32 reference of kernels/reference.py): fp32 1e-4;
+bf16/fp16 at most 2x the error of the torch backend in the same dtype, plus 1e-3.
+Legend: T tokens, H hidden, E experts, K top-k.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from functools import lru_cache
+
+import torch
+
+from moetune.autotune.measure import measure
+from moetune.autotune.worker import Result, Task
+from moetune.ir.program import MoEProgram, lower, route_config
+from moetune.kernels import reference as ref
+from moetune.kernels.registry import KernelConfig, get_impl
+from moetune.kernels.target import resolve_target
+from moetune.model.config import MoEConfig
+from moetune.model.moe import MoE
+
+TORCH = KernelConfig.of("torch")
+
+
+@lru_cache(maxsize=2)
+def _layer(cfg_json: str) -> MoE:
+    import json
+
+    torch.manual_seed(1234)
+    layer = MoE(MoEConfig.from_dict(json.loads(cfg_json))).eval()
+    if layer.router.e_score_correction_bias is not None:
+        layer.router.e_score_correction_bias.normal_(std=0.05)
+    return layer
+
+
+def _op_params(layer: MoE, op: str):
+    if op.startswith("experts."):
+        ex = layer.experts
+        return {"gemm1": (ex.gate_up_proj, ex.gate_up_bias), "gemm2": (ex.down_proj, ex.down_bias)}[op.split(".")[1]]
+    se = layer.shared_expert
+    return {"gemm1": (se.gate_up_proj.unsqueeze(0), None), "gemm2": (se.down_proj.unsqueeze(0), None)}[op.split(".")[1]]
+
+
+def _case(layer: MoE, program: MoEProgram, op: str, x: torch.Tensor, one_expert: bool) -> tuple:
+    """The op's tensor arguments for tokens x, produced by the torch backend's upstream ops."""
+    target, prefix = resolve_target("cpu"), op.split(".")[0]
+    t = x.shape[0]
+    if op == "route":
+        return (x, layer.router.weight, layer.router.bias, layer.router.e_score_correction_bias)
+    if prefix == "shared":
+        gate = layer.shared_expert.gate_weight
+        if op == "shared.route":
+            return (x, gate, None, None)
+        weights = torch.sigmoid(x.float() @ gate.float().T) if gate is not None else torch.ones(t, 1)
+        ids = torch.zeros(t, 1, dtype=torch.int32)
+        align_problem = program.op("shared.align")
+    else:
+        r = layer.router
+        weights, ids = get_impl("route", "torch").fn(
+            program.op("route"), TORCH, target, x, r.weight, r.bias, r.e_score_correction_bias
+        )
+        if one_expert:  # every token on expert 0 (k = 0) and on experts 1..K-1: all other experts get no rows
+            ids = torch.arange(ids.shape[1], dtype=torch.int32).expand(t, -1).contiguous()
+        align_problem = program.op("align")
+    if op.endswith("align"):
+        return (weights, ids)
+    aligned = get_impl("align", "torch").fn(align_problem, TORCH, target, weights, ids)
+    w, b = _op_params(layer, op)
+    if op.endswith("gemm1"):
+        return (x, aligned, w, b)
+    w1, b1 = _op_params(layer, f"{prefix}.gemm1")
+    act = get_impl("gemm1", "torch").fn(program.op(f"{prefix}.gemm1"), TORCH, target, x, aligned, w1, b1)
+    return (act, aligned, w, b)
+
+
+def _reference(program: MoEProgram, op: str, args: tuple):
+    problem = program.op(op)
+    if problem.op == "route":
+        x, w, b, cb = args
+        return ref.select_experts(ref.router_logits(x, w, b), route_config(problem), cb)
+    if problem.op == "align":
+        weights, ids = args
+        return ref.align(weights, ids, problem["E"], problem["BM"])
+    if problem.op == "gemm1":
+        x, aligned, w, b = args
+        return ref.gemm1(problem, x.float(), aligned, w.float(), None if b is None else b.float())
+    act, aligned, w, b = args
+    return ref.gemm2(
+        problem, act.float(), aligned, w.float(), None if b is None else b.float(), aligned.inverse.shape[0]
+    )
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.double(), want.double()
+    if not torch.isfinite(got).all():
+        return float("inf")
+    return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+def _error(problem_op: str, got, want) -> float:
+    """Relative error of an op's output; exact-match ops (align, route ids) give inf on any mismatch."""
+    if problem_op == "align":
+        fields = ("sorted_token", "sorted_weight", "sorted_slot", "block_expert", "inverse", "counts", "offsets")
+        same = all(torch.equal(getattr(got, f), getattr(want, f)) for f in fields)
+        return 0.0 if same else float("inf")
+    if problem_op == "route":
+        (gw, gi), (ww, wi) = got, want
+        if not torch.equal(gi.long(), wi.long()):
+            return float("inf")
+        return _rel(gw, ww)
+    return _rel(got, want)
+
+
+def evaluate(task: Task) -> Result:
+    started = time.monotonic()
+    for module in task.imports:
+        importlib.import_module(module)
+    import json
+
+    cfg_json = json.dumps(task.cfg, sort_keys=True)
+    layer = _layer(cfg_json)
+    cfg = layer.cfg
+    program = lower(cfg, task.m_tokens)
+    problem = program.op(task.op)
+    target = resolve_target(task.target)
+    impl = get_impl(problem.op, task.backend)
+    config = KernelConfig.of(task.backend, task.params)
+
+    def run(args):
+        return impl.fn(problem, config, target, *args)
+
+    # 1. verify on fresh inputs and edge cases (T = 1, one expert takes every token, the study's T)
+    gen = torch.Generator().manual_seed(task.seed + 1)
+    worst = 0.0
+    for name, t, one in (
+        ("T=1", 1, False),
+        ("one-expert", max(2, task.m_tokens // 2), True),
+        (f"T={task.m_tokens}", task.m_tokens, False),
+    ):
+        x = torch.randn(t, cfg.hidden_size, generator=gen).to(cfg.torch_dtype)
+        args = _case(layer, program, task.op, x, one)
+        want = _reference(program, task.op, args)
+        err = _error(problem.op, run(args), want)
+        limit = 1e-4
+        if cfg.dtype != "float32" and problem.op in ("gemm1", "gemm2"):
+            limit = 2 * _error(problem.op, get_impl(problem.op, "torch").fn(problem, TORCH, target, *args), want) + 1e-3
+        if not err <= limit:
+            return Result(
+                False,
+                f"wrong result on {name}: rel err {err:.3g} > {limit:.3g}",
+                max_rel_err=err,
+                seconds=time.monotonic() - started,
+            )
+        worst = max(worst, err)
+    # 2. time on rotating inputs of the study's T
+    sets = [
+        _case(layer, program, task.op, torch.randn(task.m_tokens, cfg.hidden_size).to(cfg.torch_dtype), False)
+        for _ in range(3)
+    ]
+    with torch.no_grad():
+        timing = measure(run, sets, warmup=task.warmup, repeat=task.repeat)
+    return Result(True, None, timing.p20_ms, timing.p50_ms, timing.p80_ms, worst, time.monotonic() - started)

@@ -1,0 +1,277 @@
+"""The Optuna search: one study per (problem signature, target, M bucket), trials run in an isolated worker.
+
+Per study: the torch backend is measured first (the baseline, kept in the study so a resumed run does not
+measure it again), the backend's default point is enqueued as the first trial, then the winners of the
+nearest already-tuned shapes from the kernel DB (warm start), then the sampler explores the op's declared
+space (schedules/). Infeasible points are pruned before anything is built; a trial whose candidate fails to
+build, crashes, hangs or computes a wrong result is a FAIL with its reason in the trial's user attrs. The
+winner (the fastest of the completed trials and the torch baseline, so never slower than either) goes into
+the kernel DB. Trials live in the Optuna storage as they finish, so a killed run resumes where it stopped.
+
+Parameters with integer choices are sampled as an index into their choices (ordinal, so CMA-ES and GP see a
+numeric axis); the others as categoricals.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from moetune.autotune.db import KernelDB, KernelKey, KernelRecord, current_versions
+from moetune.autotune.worker import Task, Worker
+from moetune.ir.program import Problem
+from moetune.kernels.registry import backend_info
+from moetune.kernels.target import Target
+from moetune.schedules.space import Point, SearchSpace
+
+SAMPLERS = ("tpe", "cmaes", "gp", "random", "grid")
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+class TrialFailed(Exception):
+    """A candidate that did not build, crashed, hung or computed a wrong result."""
+
+
+def make_sampler(name: str, space: SearchSpace, seed: int = 0) -> optuna.samplers.BaseSampler:
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=4)
+    if name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=4)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "grid":
+        return optuna.samplers.GridSampler(_grid(space), seed=seed)
+    raise ValueError(f"unknown sampler {name!r}; available: {', '.join(SAMPLERS)}")
+
+
+def _ordinal(choices: tuple) -> bool:
+    return all(isinstance(c, int) and not isinstance(c, bool) for c in choices)
+
+
+def _grid(space: SearchSpace) -> dict[str, list]:
+    return {p.name: list(range(len(p.choices))) if _ordinal(p.choices) else list(p.choices) for p in space.params}
+
+
+def suggest(trial: optuna.Trial, space: SearchSpace) -> Point:
+    point = {}
+    for p in space.params:
+        if _ordinal(p.choices):
+            point[p.name] = p.choices[trial.suggest_int(p.name, 0, len(p.choices) - 1)]
+        else:
+            point[p.name] = trial.suggest_categorical(p.name, list(p.choices))
+    return point
+
+
+def encode(space: SearchSpace, point: Point) -> dict[str, Any]:
+    """A point as the trial params `suggest` would have produced (for enqueue_trial)."""
+    return {p.name: p.choices.index(point[p.name]) if _ordinal(p.choices) else point[p.name] for p in space.params}
+
+
+def open_storage(storage: str | None, default_dir: Path):
+    """None -> a journal file under the cache dir; a URL -> Optuna RDB; a path -> a journal file there."""
+    if storage and "://" in storage:
+        return storage
+    path = Path(storage) if storage else default_dir / "studies.journal"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
+@dataclass
+class OpOutcome:
+    name: str  # program op name
+    problem: str  # signature
+    m_bucket: int
+    status: str  # "tuned" | "cached"
+    backend: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+    p50_ms: float = math.nan
+    torch_p50_ms: float = math.nan
+    default_p50_ms: float = math.nan
+    trials: int = 0
+    failed: int = 0
+    pruned: int = 0
+    seconds: float = 0.0
+    stale: int = 0  # stale DB records for this key that were reported and re-tuned
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def speedup_vs_torch(self) -> float:
+        return self.torch_p50_ms / self.p50_ms if self.p50_ms > 0 else math.nan
+
+
+@dataclass
+class StudyContext:
+    cfg: dict[str, Any]
+    target: Target
+    worker: Worker
+    db: KernelDB
+    storage: Any
+    sampler: str = "tpe"
+    trial_timeout: float = 120.0
+    repeat: int = 10
+    patience: int = 12
+    seed: int = 0
+    imports: tuple[str, ...] = ()
+    on_event: Callable[[dict[str, Any]], None] = lambda event: None
+
+
+def _study_name(target: Target, problem: Problem, m_bucket: int, versions: dict[str, str]) -> str:
+    return f"moetune|{target.name}|{problem.signature}|M{m_bucket}|src={versions['source']}"
+
+
+def _measure(ctx: StudyContext, m: int, op_name: str, backend: str, point: Point):
+    task = Task(
+        cfg=ctx.cfg,
+        m_tokens=m,
+        op=op_name,
+        backend=backend,
+        params=point,
+        target=ctx.target.name,
+        repeat=ctx.repeat,
+        seed=ctx.seed,
+        imports=ctx.imports,
+    )
+    return ctx.worker.run(task, ctx.trial_timeout)
+
+
+def _warm_start(ctx: StudyContext, problem: Problem, m: int, space: SearchSpace, versions) -> list[Point]:
+    """Feasible tvm winners of the same op kind, nearest shape first (same signature, then by M distance)."""
+    found = []
+    for r in ctx.db.records(target=ctx.target.name, dtype=problem.dtype):
+        if r.backend == "tvm" and r.versions == versions and r.key.op.split("[")[0] == problem.op:
+            distance = (r.key.op != problem.signature, abs(math.log2(r.key.m_bucket) - math.log2(m)))
+            found.append((distance, r.config))
+    points = []
+    for _, config in sorted(found, key=lambda item: item[0]):
+        if space.is_feasible(config) and config not in points:
+            points.append(config)
+    return points[:3]
+
+
+def tune_op(
+    ctx: StudyContext,
+    op_name: str,
+    problem: Problem,
+    m: int,
+    trials: int,
+    time_budget: float | None,
+    force: bool = False,
+) -> OpOutcome:
+    versions = current_versions()
+    key = KernelKey(ctx.target.name, problem.signature, problem.dtype, m)
+    found = ctx.db.lookup(key, versions)
+    outcome = OpOutcome(op_name, problem.signature, m, "tuned", stale=len(found.stale))
+    if found.kind == "exact" and not force:
+        r = found.record
+        outcome.status, outcome.backend, outcome.config = "cached", r.backend, r.config
+        outcome.p50_ms, outcome.torch_p50_ms, outcome.trials = r.p50_ms, r.baseline_p50_ms, r.trials
+        ctx.on_event({"kind": "study_end", "outcome": outcome})
+        return outcome
+    started = time.monotonic()
+    space = backend_info("tvm").space(problem, ctx.target)
+    study = optuna.create_study(
+        study_name=_study_name(ctx.target, problem, m, versions),
+        storage=ctx.storage,
+        sampler=make_sampler(ctx.sampler, space, ctx.seed),
+        direction="minimize",
+        load_if_exists=True,
+    )
+    ctx.on_event({"kind": "study_start", "op": op_name, "problem": problem.signature, "m": m})
+    baseline = study.user_attrs.get("torch")
+    if baseline is None:
+        res = _measure(ctx, m, op_name, "torch", {})
+        if not res.ok:
+            raise RuntimeError(f"the torch baseline of {op_name} failed: {res.error}")
+        baseline = {"p20_ms": res.p20_ms, "p50_ms": res.p50_ms, "p80_ms": res.p80_ms}
+        study.set_user_attr("torch", baseline)
+    outcome.torch_p50_ms = baseline["p50_ms"]
+    budget = 1 if not space.params else trials
+    if not study.trials:
+        default = backend_info("tvm").default(problem, ctx.target)
+        study.enqueue_trial(encode(space, default), user_attrs={"origin": "default"})
+        for point in _warm_start(ctx, problem, m, space, versions):
+            study.enqueue_trial(encode(space, point), user_attrs={"origin": "warm-start"}, skip_if_exists=True)
+
+    def objective(trial: optuna.Trial) -> float:
+        point = suggest(trial, space)
+        violations = space.violations(point)
+        if violations:
+            trial.set_user_attr("pruned", "; ".join(violations))
+            raise optuna.TrialPruned()
+        res = _measure(ctx, m, op_name, "tvm", point)
+        trial.set_user_attr("config", point)
+        if not res.ok:
+            trial.set_user_attr("error", res.error)
+            raise TrialFailed(res.error)
+        trial.set_user_attr("p20_ms", res.p20_ms)
+        trial.set_user_attr("p80_ms", res.p80_ms)
+        return res.p50_ms
+
+    def on_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        ctx.on_event(
+            {
+                "kind": "trial",
+                "op": op_name,
+                "m": m,
+                "state": trial.state.name,
+                "value": trial.value,
+                "error": trial.user_attrs.get("error"),
+                "study": study,
+            }
+        )
+        done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        if done:
+            best_number = min(done, key=lambda t: t.value).number
+            if trial.number - best_number >= ctx.patience:
+                study.stop()  # no improvement for `patience` trials
+
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL, optuna.trial.TrialState.PRUNED)
+    remaining = budget - sum(t.state in finished for t in study.trials)
+    if remaining > 0:
+        study.optimize(objective, n_trials=remaining, timeout=time_budget, callbacks=[on_trial], catch=(TrialFailed,))
+    return _finish(ctx, study, outcome, key, versions, baseline, started)
+
+
+def _finish(ctx, study, outcome: OpOutcome, key: KernelKey, versions, baseline, started: float) -> OpOutcome:
+    states = optuna.trial.TrialState
+    complete = [t for t in study.trials if t.state == states.COMPLETE]
+    outcome.trials = sum(t.state != states.RUNNING and t.state != states.WAITING for t in study.trials)
+    outcome.failed = sum(t.state == states.FAIL for t in study.trials)
+    outcome.pruned = sum(t.state == states.PRUNED for t in study.trials)
+    outcome.failures = [t.user_attrs.get("error", "") for t in study.trials if t.state == states.FAIL]
+    default = [t for t in complete if t.user_attrs.get("origin") == "default"]
+    outcome.default_p50_ms = default[0].value if default else math.nan
+    best = min(complete, key=lambda t: t.value) if complete else None
+    if best is not None and best.value < baseline["p50_ms"]:
+        outcome.backend, outcome.config, outcome.p50_ms = "tvm", best.user_attrs["config"], best.value
+        p20, p80 = best.user_attrs["p20_ms"], best.user_attrs["p80_ms"]
+    else:
+        outcome.backend, outcome.config, outcome.p50_ms = "torch", {}, baseline["p50_ms"]
+        p20, p80 = baseline["p20_ms"], baseline["p80_ms"]
+    outcome.seconds = time.monotonic() - started
+    ctx.db.put(
+        KernelRecord(
+            key=key,
+            versions=versions,
+            backend=outcome.backend,
+            config=outcome.config,
+            p20_ms=p20,
+            p50_ms=outcome.p50_ms,
+            p80_ms=p80,
+            baseline_p50_ms=baseline["p50_ms"],
+            trials=outcome.trials,
+            created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        )
+    )
+    ctx.on_event({"kind": "study_end", "outcome": outcome})
+    return outcome

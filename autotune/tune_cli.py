@@ -1,0 +1,164 @@
+"""`moetune tune`: tune a model's MoE layer for a target, with a live view and a summary table."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Annotated, Any
+
+import typer
+from rich.live import Live
+from rich.table import Table
+
+from moetune.autotune.cli_common import JsonFlag, console, fail, print_json
+
+_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(text: str | None) -> float | None:
+    """'90', '90s', '10m', '1h', '1h30m' -> seconds."""
+    if text is None:
+        return None
+    parts = re.fullmatch(r"\s*((?:\d+(?:\.\d+)?[smh]?\s*)+)", text)
+    if not parts:
+        fail(f"--time-budget must look like 600, 90s, 10m or 1h30m; got {text!r}")
+    total = sum(float(v) * _UNITS[u or "s"] for v, u in re.findall(r"(\d+(?:\.\d+)?)([smh]?)", text))
+    if total <= 0:
+        fail(f"--time-budget must be positive, got {text!r}")
+    return total
+
+
+def _config(model: str | None, hf_config: str | None, dtype: str | None):
+    from moetune.model import MoEConfig
+
+    if (model is None) == (hf_config is None):
+        fail("give exactly one of --model PRESET or --hf-config PATH")
+    try:
+        cfg = MoEConfig.preset(model) if model else MoEConfig.from_hf(hf_config)
+        return cfg.replace(dtype=dtype) if dtype else cfg
+    except ValueError as exc:
+        fail(str(exc))
+
+
+class LiveView:
+    """Per (M, op): trials done, failures, best p50, torch p50, speedup, redrawn on every event."""
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple[int, str], dict[str, Any]] = {}
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        if event["kind"] == "study_start":
+            self.rows[(event["m"], event["op"])] = {"trials": 0, "failed": 0, "best": math.nan, "state": "tuning"}
+        elif event["kind"] == "trial":
+            row = self.rows[(event["m"], event["op"])]
+            row["trials"] += 1
+            row["failed"] += event["state"] == "FAIL"
+            if event["value"] is not None:
+                row["best"] = min(v for v in (row["best"], event["value"]) if not math.isnan(v))
+        elif event["kind"] == "study_end":
+            o = event["outcome"]
+            self.rows[(o.m_bucket, o.name)] = {
+                "trials": o.trials,
+                "failed": o.failed,
+                "best": o.p50_ms,
+                "torch": o.torch_p50_ms,
+                "backend": o.backend,
+                "state": o.status,
+            }
+
+    def render(self) -> Table:
+        table = Table(title="moetune tune")
+        for column in ("M", "op", "state", "trials", "failed", "best p50 ms", "torch p50 ms", "speedup", "winner"):
+            table.add_column(column, justify="left" if column in ("op", "state", "winner") else "right")
+        for (m, op), r in self.rows.items():
+            torch_p50 = r.get("torch", math.nan)
+            speed = torch_p50 / r["best"] if r["best"] and not math.isnan(r["best"]) else math.nan
+            table.add_row(
+                str(m),
+                op,
+                r["state"],
+                str(r["trials"]),
+                str(r["failed"]),
+                f"{r['best']:.3f}",
+                f"{torch_p50:.3f}",
+                f"{speed:.2f}x",
+                r.get("backend", ""),
+            )
+        return table
+
+
+def tune_command(
+    model: Annotated[str | None, typer.Option("--model", "-p", help="Model preset (see `moetune presets`).")] = None,
+    hf_config: Annotated[str | None, typer.Option(help="A Hugging Face config.json (or its directory).")] = None,
+    target: Annotated[str, typer.Option(help="'cpu' (the host) or 'llvm -mcpu=<cpu>'.")] = "cpu",
+    m: Annotated[
+        str, typer.Option("--m", help="Comma-separated token counts (each tuned as its M bucket).")
+    ] = "1,16,256",
+    dtype: Annotated[str | None, typer.Option(help="float32 | bfloat16 | float16 [default: the model's]")] = None,
+    trials: Annotated[int, typer.Option(min=1, help="Trials per op and M (a study resumes up to this).")] = 32,
+    time_budget: Annotated[str | None, typer.Option(help="Wall-time budget for the whole run: 600, 10m, 1h.")] = None,
+    sampler: Annotated[str, typer.Option(help="tpe | cmaes | gp | random | grid")] = "tpe",
+    patience: Annotated[int, typer.Option(min=1, help="Stop a study after this many trials without a new best.")] = 12,
+    db: Annotated[
+        str | None,
+        typer.Option(help="Kernel DB path or SQLAlchemy URL [default: $MOETUNE_DB or ~/.cache/moetune/kernels.db]"),
+    ] = None,
+    storage: Annotated[
+        str | None,
+        typer.Option(help="Optuna storage URL or journal path [default: a journal file under ~/.cache/moetune]"),
+    ] = None,
+    trial_timeout: Annotated[float, typer.Option(min=1, help="Seconds before a trial counts as hung.")] = 120.0,
+    repeat: Annotated[int, typer.Option(min=3, help="Timed calls per trial.")] = 10,
+    force: Annotated[bool, typer.Option(help="Re-tune ops that already have a fresh winner in the DB.")] = False,
+    ops: Annotated[
+        str | None, typer.Option(help="Only these program ops, comma-separated (e.g. experts.gemm1).")
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Tune every op of a model's MoE layer for a target; winners go into the kernel DB."""
+    from moetune.autotune.cli import _parse_ints
+    from moetune.autotune.db import KernelDBError
+    from moetune.autotune.search import SAMPLERS
+    from moetune.autotune.tuner import tune
+
+    cfg = _config(model, hf_config, dtype)
+    ms = _parse_ints(m, "--m")
+    if sampler not in SAMPLERS:
+        fail(f"unknown sampler {sampler!r}; available: {', '.join(SAMPLERS)}")
+    budget = parse_duration(time_budget)
+    view = LiveView()
+    try:
+        with Live(view.render(), console=console, refresh_per_second=4, transient=as_json) as live:
+
+            def on_event(event: dict[str, Any]) -> None:
+                view.on_event(event)
+                live.update(view.render())
+
+            report = tune(
+                cfg,
+                target=target,
+                m=ms,
+                trials=trials,
+                db=db,
+                storage=storage,
+                sampler=sampler,
+                time_budget=budget,
+                patience=patience,
+                trial_timeout=trial_timeout,
+                repeat=repeat,
+                force=force,
+                on_event=on_event,
+                ops=tuple(o.strip() for o in ops.split(",")) if ops else None,
+            )
+    except KernelDBError as exc:
+        fail(str(exc))
+    except ValueError as exc:
+        fail(str(exc))
+    if as_json:
+        print_json(report.to_dict())
+        return
+    console.print()
+    console.print(
+        f"{report.model} on {report.target}: {report.trials} trials in {report.seconds:.0f} s; "
+        f"geometric-mean speedup of the winners over the torch backend: {report.speedup_vs_torch():.2f}x"
+    )

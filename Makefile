@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/moetune targets
-	$(VENV)/bin/moetune tune --model qwen3-30b-a3b --dtype float32 --m 1,16,256 --trials 24 --time-budget 7m
+	$(VENV)/bin/moetune tune --model qwen3-30b-a3b --dtype float32 --m 1,16,256 --trials 24 --time-budget 6m
 	$(VENV)/bin/moetune bench --preset qwen3-30b-a3b --tokens 1,16,256 --no-save
 
 # pytest exits 5 when it collects no tests; that is not a failure of the suite.

@@ -93,3 +93,31 @@ def test_bench_bad_input_exits_2():
         result = runner.invoke(app, args)
         assert result.exit_code == 2, (args, result.output)
         assert message in result.output, (args, result.output)
+
+
+def test_tune_bad_input_exits_2(tmp_path):
+    corrupt = tmp_path / "bad.db"
+    corrupt.write_bytes(b"not a database at all" * 10)
+    small = ["--model", "olmoe-1b-7b", "--dtype", "float32"]
+    for args, message in [
+        (["tune"], "give exactly one of --model PRESET or --hf-config PATH"),
+        (["tune", "--model", "qwen9"], "unknown preset 'qwen9'"),
+        (["tune", "--hf-config", str(tmp_path / "missing.json")], "no HF config at"),
+        ([*small, "--sampler", "bayes"], "unknown sampler 'bayes'"),
+        ([*small, "--time-budget", "ten minutes"], "--time-budget must look like"),
+        ([*small, "--m", "1,a"], "--m must be comma-separated integers"),
+        ([*small, "--db", str(corrupt)], "is not an SQLite file"),
+        ([*small, "--ops", "experts.gemm9", "--db", str(tmp_path / "k.db")], "no op of the program matches"),
+    ]:
+        argv = args if args[0] == "tune" else ["tune", *args]
+        result = runner.invoke(app, argv)
+        assert result.exit_code == 2, (argv, result.output)
+        assert message in result.output, (argv, result.output)
+    assert corrupt.read_bytes() == b"not a database at all" * 10  # refused, untouched
+
+
+def test_parse_duration():
+    from moetune.autotune.tune_cli import parse_duration
+
+    assert parse_duration("600") == 600 and parse_duration("10m") == 600 and parse_duration("1h30m") == 5400
+    assert parse_duration(None) is None

@@ -23,10 +23,10 @@ from moetune.autotune.db import (
     KernelKey,
     KernelRecord,
     MemoryKernelDB,
-    SQLKernelDB,
     default_db_path,
     open_db,
 )
+from moetune.autotune.db_sql import SQLKernelDB
 
 V1 = {"moetune": "0.1.0", "tvm": "0.27.0", "triton": "3.4.0", "torch": "2.13.0", "source": "abcdef0123456789"}
 V0 = {**V1, "tvm": "0.26.0"}  # an older TVM: records tuned with it are stale

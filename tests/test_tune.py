@@ -185,3 +185,46 @@ def test_worker_turns_each_failure_into_a_reason(point, reason, monkeypatch):
         assert healthy.ok  # the run goes on: a fresh worker replaces a dead one
     finally:
         worker.close()
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "cmaes", "gp", "random", "grid"])
+def test_every_sampler_runs_a_study(sampler, tmp_path):
+    report = tune(
+        SMALL,
+        m=[8],
+        trials=3,
+        db=str(tmp_path / "k.db"),
+        storage=str(tmp_path / "s.journal"),
+        sampler=sampler,
+        repeat=3,
+        ops=("experts.gemm2",),
+    )
+    (outcome,) = report.outcomes
+    assert outcome.trials == 3 and outcome.failed == 0 and outcome.p50_ms <= outcome.torch_p50_ms
+
+
+def test_warm_start_enqueues_the_nearest_winner(tmp_path):
+    db, journal = str(tmp_path / "k.db"), tmp_path / "s.journal"
+    tune(SMALL, m=[8], trials=4, db=db, storage=str(journal), repeat=3, ops=("experts.gemm1",))
+    (first,) = open_db(db).records()
+    tune(SMALL, m=[16], trials=3, db=db, storage=str(journal), repeat=3, ops=("experts.gemm1",))
+    trials = _journal_trials(journal, "M16")
+    warm = [t for t in trials if t.user_attrs.get("origin") == "warm-start"]
+    if first.backend == "tvm":
+        assert warm and warm[0].user_attrs["config"] == first.config
+    assert trials[0].user_attrs.get("origin") == "default"
+
+
+def test_stale_records_are_reported_not_used(tmp_path):
+    from dataclasses import replace
+
+    db = open_db(str(tmp_path / "k.db"))
+    tune(SMALL, m=[8], trials=2, db=db, storage=str(tmp_path / "s.journal"), repeat=3)
+    for record in db.records():  # pretend they were tuned with another TVM
+        db.delete(record)
+        db.put(replace(record, versions={**record.versions, "tvm": "0.1.0"}))
+    with pytest.warns(UserWarning, match="stale kernel record"):
+        sources = {d["source"] for d in TunedMoE.from_module(MoE(SMALL), db=db).describe(8)}
+    assert sources == {"default"}
+    report = tune(SMALL, m=[8], trials=2, db=db, storage=str(tmp_path / "s.journal"), repeat=3)
+    assert all(o.status == "tuned" and o.stale == 1 for o in report.outcomes)  # re-tuned, not reused

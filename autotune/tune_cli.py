@@ -158,6 +158,9 @@ def tune_command(
         print_json(report.to_dict())
         return
     console.print()
+    stale = sum(o.stale for o in report.outcomes)
+    if stale:
+        console.print(f"{stale} stale kernel record(s) (tuned with other versions) were reported and re-tuned")
     console.print(
         f"{report.model} on {report.target}: {report.trials} trials in {report.seconds:.0f} s; "
         f"geometric-mean speedup of the winners over the torch backend: {report.speedup_vs_torch():.2f}x"

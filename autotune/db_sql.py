@@ -216,7 +216,8 @@ class SQLKernelDB(KernelDB):
                     set_={c: stmt.excluded[c] for c in _VALUE_COLUMNS},
                     where=stmt.excluded.p50 < _KERNELS.c.p50,
                 )
-                return conn.execute(stmt).rowcount == 1
+                # RETURNING, not rowcount: psycopg 3 reports rowcount -1 for INSERT .. ON CONFLICT
+                return conn.execute(stmt.returning(_KERNELS.c.id)).first() is not None
             # Any other dialect: read, compare and write under a row lock in this one transaction.
             where = sa.and_(*(_KERNELS.c[c] == row[c] for c in _KEY_COLUMNS))
             old = conn.execute(sa.select(_KERNELS.c.p50).where(where).with_for_update()).scalar()

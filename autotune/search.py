@@ -15,6 +15,8 @@ numeric axis); the others as categoricals.
 from __future__ import annotations
 
 import math
+import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy
 
 from moetune.autotune.db import KernelDB, KernelKey, KernelRecord, current_versions
 from moetune.autotune.worker import Task, Worker
@@ -39,8 +42,8 @@ class TrialFailed(Exception):
 
 
 def make_sampler(name: str, space: SearchSpace, seed: int = 0) -> optuna.samplers.BaseSampler:
-    if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=4)
+    if name == "tpe":  # constant_liar: parallel workers do not all sample next to the same running trial
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=4, constant_liar=True)
     if name == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
     if name == "gp":
@@ -75,15 +78,54 @@ def encode(space: SearchSpace, point: Point) -> dict[str, Any]:
     return {p.name: p.choices.index(point[p.name]) if _ordinal(p.choices) else point[p.name] for p in space.params}
 
 
+def mask_url(text: str) -> str:
+    """Hide the password of every URL in a text (storage and DB URLs must never be printed with it)."""
+    return re.sub(r"(\w[\w+.-]*://[^:/@\s]+):[^@\s]*@", r"\1:***@", text)
+
+
+def _heartbeat() -> tuple[int, int]:
+    """(interval, grace) seconds of the RDB heartbeat; MOETUNE_HEARTBEAT="interval,grace" overrides."""
+    raw = os.environ.get("MOETUNE_HEARTBEAT", "10,40")
+    interval, grace = (int(v) for v in raw.split(","))
+    return interval, grace
+
+
 def open_storage(storage: str | None, default_dir: Path):
-    """None -> a journal file under the cache dir; a URL -> Optuna RDB; a path -> a journal file there."""
+    """None -> a journal file under the cache dir; a URL -> Optuna RDB with heartbeats; a path -> a journal.
+
+    Journal files serve several processes on one host; an RDB URL (PostgreSQL) serves many hosts. With an
+    RDB, every running trial sends a heartbeat: a worker killed mid-trial leaves a trial that the next
+    worker marks FAIL once the grace period has passed, and re-enqueues once (RetryFailedTrialCallback).
+    """
     if storage and "://" in storage:
-        return storage
+        interval, grace = _heartbeat()
+        try:
+            return optuna.storages.RDBStorage(
+                storage,
+                heartbeat_interval=interval,
+                grace_period=grace,
+                failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
+                engine_kwargs={"pool_pre_ping": True},
+            )
+        except Exception as exc:
+            raise ValueError(f"cannot open the Optuna storage: {mask_url(' '.join(str(exc).split()))[:300]}") from None
     path = Path(storage) if storage else default_dir / "studies.journal"
     path.parent.mkdir(parents=True, exist_ok=True)
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
     return JournalStorage(JournalFileBackend(str(path)))
+
+
+def _create_study(ctx: StudyContext, name: str, sampler: optuna.samplers.BaseSampler) -> optuna.Study:
+    """create-or-load, tolerating another worker creating the same study at the same moment."""
+    for attempt in range(5):
+        try:
+            return optuna.create_study(
+                study_name=name, storage=ctx.storage, sampler=sampler, direction="minimize", load_if_exists=True
+            )
+        except (optuna.exceptions.DuplicatedStudyError, sqlalchemy.exc.IntegrityError):
+            time.sleep(0.2 * (attempt + 1))
+    return optuna.load_study(study_name=name, storage=ctx.storage, sampler=sampler)
 
 
 @dataclass
@@ -179,13 +221,8 @@ def tune_op(
         return outcome
     started = time.monotonic()
     space = backend_info("tvm").space(problem, ctx.target)
-    study = optuna.create_study(
-        study_name=_study_name(ctx.target, problem, m, versions),
-        storage=ctx.storage,
-        sampler=make_sampler(ctx.sampler, space, ctx.seed),
-        direction="minimize",
-        load_if_exists=True,
-    )
+    sampler = make_sampler(ctx.sampler, space, ctx.seed)
+    study = _create_study(ctx, _study_name(ctx.target, problem, m, versions), sampler)
     ctx.on_event({"kind": "study_start", "op": op_name, "problem": problem.signature, "m": m})
     baseline = study.user_attrs.get("torch")
     if baseline is None:
@@ -237,8 +274,11 @@ def tune_op(
 
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL, optuna.trial.TrialState.PRUNED)
     remaining = budget - sum(t.state in finished for t in study.trials)
-    if remaining > 0:
-        study.optimize(objective, n_trials=remaining, timeout=time_budget, callbacks=[on_trial], catch=(TrialFailed,))
+    if remaining > 0:  # MaxTrialsCallback: the budget holds across all the workers sharing this study
+        budget_cb = optuna.study.MaxTrialsCallback(budget, states=finished)
+        study.optimize(
+            objective, n_trials=remaining, timeout=time_budget, callbacks=[on_trial, budget_cb], catch=(TrialFailed,)
+        )
     return _finish(ctx, study, outcome, key, versions, baseline, started)
 
 

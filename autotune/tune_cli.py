@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
+from dataclasses import asdict
+from types import SimpleNamespace
 from typing import Annotated, Any
 
 import typer
@@ -40,6 +43,13 @@ def _config(model: str | None, hf_config: str | None, dtype: str | None):
         fail(str(exc))
 
 
+def _event_json(event: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in event.items() if k != "study"}
+    if "outcome" in out:
+        out["outcome"] = asdict(out["outcome"])
+    return out
+
+
 class LiveView:
     """Per (M, op): trials done, failures, best p50, torch p50, speedup, redrawn on every event."""
 
@@ -48,7 +58,9 @@ class LiveView:
 
     def on_event(self, event: dict[str, Any]) -> None:
         if event["kind"] == "study_start":
-            self.rows[(event["m"], event["op"])] = {"trials": 0, "failed": 0, "best": math.nan, "state": "tuning"}
+            self.rows.setdefault(
+                (event["m"], event["op"]), {"trials": 0, "failed": 0, "best": math.nan, "state": "tuning"}
+            )
         elif event["kind"] == "trial":
             row = self.rows[(event["m"], event["op"])]
             row["trials"] += 1
@@ -57,6 +69,7 @@ class LiveView:
                 row["best"] = min(v for v in (row["best"], event["value"]) if not math.isnan(v))
         elif event["kind"] == "study_end":
             o = event["outcome"]
+            o = SimpleNamespace(**o) if isinstance(o, dict) else o
             self.rows[(o.m_bucket, o.name)] = {
                 "trials": o.trials,
                 "failed": o.failed,
@@ -113,12 +126,16 @@ def tune_command(
     ops: Annotated[
         str | None, typer.Option(help="Only these program ops, comma-separated (e.g. experts.gemm1).")
     ] = None,
+    workers: Annotated[
+        int, typer.Option(min=1, help="Local worker processes sharing the studies (CPU: pinned to cores; one per GPU).")
+    ] = 1,
+    events: Annotated[bool, typer.Option(hidden=True, help="Print progress as JSON lines (for --workers).")] = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Tune every op of a model's MoE layer for a target; winners go into the kernel DB."""
     from moetune.autotune.cli import _parse_ints
     from moetune.autotune.db import KernelDBError
-    from moetune.autotune.search import SAMPLERS
+    from moetune.autotune.search import SAMPLERS, mask_url
     from moetune.autotune.tuner import tune
 
     cfg = _config(model, hf_config, dtype)
@@ -126,11 +143,36 @@ def tune_command(
     if sampler not in SAMPLERS:
         fail(f"unknown sampler {sampler!r}; available: {', '.join(SAMPLERS)}")
     budget = parse_duration(time_budget)
+    if workers > 1:
+        from moetune.autotune.tune_workers import child_args, run_workers
+
+        args = child_args(
+            model=model,
+            hf_config=hf_config,
+            target=target,
+            m=m,
+            dtype=dtype,
+            trials=trials,
+            time_budget=time_budget,
+            sampler=sampler,
+            patience=patience,
+            db=db,
+            storage=storage,
+            trial_timeout=trial_timeout,
+            repeat=repeat,
+            force=force,
+            ops=ops,
+        )
+        run_workers(cfg, ms, target, db, workers, args, LiveView(), as_json)
+        return
     view = LiveView()
     try:
-        with Live(view.render(), console=console, refresh_per_second=4, transient=as_json) as live:
+        with Live(view.render(), console=console, refresh_per_second=4, transient=as_json or events) as live:
 
             def on_event(event: dict[str, Any]) -> None:
+                if events:
+                    typer.echo(json.dumps(_event_json(event), default=str), nl=True)
+                    return
                 view.on_event(event)
                 live.update(view.render())
 
@@ -150,10 +192,10 @@ def tune_command(
                 on_event=on_event,
                 ops=tuple(o.strip() for o in ops.split(",")) if ops else None,
             )
-    except KernelDBError as exc:
-        fail(str(exc))
-    except ValueError as exc:
-        fail(str(exc))
+    except (KernelDBError, ValueError) as exc:
+        fail(mask_url(str(exc)))
+    if events:
+        return
     if as_json:
         print_json(report.to_dict())
         return

@@ -9,6 +9,8 @@ import torch
 
 torch.set_num_threads(2)
 
+pytest_plugins = ["postgres"]  # the postgres_url / fresh_pg_url fixtures (tests/postgres.py)
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _kernel_cache(tmp_path_factory):

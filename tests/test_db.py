@@ -1,6 +1,7 @@
 """The kernel database: one conformance class run over every backend, plus file-safety and concurrency checks.
 
-Backends: MemoryKernelDB, SQLKernelDB on an SQLite file, SQLKernelDB on an in-memory `sqlite://` URL.
+Backends: MemoryKernelDB, SQLKernelDB on an SQLite file, on an in-memory `sqlite://` URL, and on a real
+PostgreSQL 15 database (tests/postgres.py).
 """
 
 from __future__ import annotations
@@ -49,8 +50,13 @@ def make(m: int = 16, p50: float = 1.0, versions: dict | None = None, op: str = 
     )
 
 
-@pytest.fixture(params=["memory", "sqlite-file", "sqlite-memory-url"])
+@pytest.fixture(params=["memory", "sqlite-file", "sqlite-memory-url", "postgresql"])
 def db(request, tmp_path) -> KernelDB:
+    if request.param == "postgresql":  # a real PostgreSQL 15 cluster (tests/postgres.py), a fresh database
+        handle = open_db(request.getfixturevalue("fresh_pg_url"))
+        yield handle
+        handle.close()
+        return
     where = {"memory": "memory", "sqlite-file": str(tmp_path / "sub" / "kernels.db"), "sqlite-memory-url": "sqlite://"}
     handle = open_db(where[request.param])
     yield handle

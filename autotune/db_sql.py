@@ -176,6 +176,8 @@ class SQLKernelDB(KernelDB):
             ready = self._schema_ready(conn)
         if not ready:
             with self._transaction(write=True) as conn:
+                if conn.dialect.name == "postgresql":  # serialise concurrent first-time schema creation
+                    conn.execute(sa.text("SELECT pg_advisory_xact_lock(7343001)"))
                 if not self._schema_ready(conn):  # another process may have created it meanwhile
                     _SCHEMA.create_all(conn)
                     conn.execute(_META_TABLE.insert().values(schema_version=SCHEMA_VERSION))

@@ -18,6 +18,7 @@ import math
 import os
 import re
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,16 +96,19 @@ def open_storage(storage: str | None, default_dir: Path):
 
     Journal files serve several processes on one host; an RDB URL (PostgreSQL) serves many hosts. With an
     RDB, every running trial sends a heartbeat: a worker killed mid-trial leaves a trial that the next
-    worker marks FAIL once the grace period has passed, and re-enqueues once (RetryFailedTrialCallback).
+    worker marks FAIL once the grace period has passed, and re-enqueues once (RetryHeartbeatStaleTrialCallback).
     """
     if storage and "://" in storage:
         interval, grace = _heartbeat()
         try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
             return optuna.storages.RDBStorage(
                 storage,
                 heartbeat_interval=interval,
                 grace_period=grace,
-                failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
+                heartbeat_stale_trial_callback=retry,
                 engine_kwargs={"pool_pre_ping": True},
             )
         except Exception as exc:
@@ -279,7 +283,28 @@ def tune_op(
         study.optimize(
             objective, n_trials=remaining, timeout=time_budget, callbacks=[on_trial, budget_cb], catch=(TrialFailed,)
         )
+    if isinstance(ctx.storage, optuna.storages.RDBStorage):
+        _settle(study, objective, on_trial)
     return _finish(ctx, study, outcome, key, versions, baseline, started)
+
+
+def _settle(study: optuna.Study, objective, on_trial) -> None:
+    """Before a worker leaves a study: wait (up to the heartbeat grace period) for running trials to finish or
+    go stale, fail the stale ones (a dead worker's; RetryHeartbeatStaleTrialCallback re-enqueues them) and run what
+    was re-enqueued, so no trial stays RUNNING and no enqueued work is left behind."""
+    interval, grace = _heartbeat()
+    states = optuna.trial.TrialState
+    deadline = time.monotonic() + grace + 2 * interval
+    while time.monotonic() < deadline:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        if not study.get_trials(deepcopy=False, states=(states.RUNNING,)):
+            break
+        time.sleep(interval)
+    waiting = study.get_trials(deepcopy=False, states=(states.WAITING,))
+    if waiting:
+        study.optimize(objective, n_trials=len(waiting), callbacks=[on_trial], catch=(TrialFailed,))
 
 
 def _finish(ctx, study, outcome: OpOutcome, key: KernelKey, versions, baseline, started: float) -> OpOutcome:

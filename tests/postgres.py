@@ -21,7 +21,9 @@ _counter = itertools.count()
 
 
 def _bin(name: str) -> str | None:
-    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}")) or ([shutil.which(name)] if shutil.which(name) else [])
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}")) or (
+        [shutil.which(name)] if shutil.which(name) else []
+    )
     return found[-1] if found else None
 
 
@@ -47,11 +49,15 @@ def postgres_url():
         shutil.chown(root, "postgres", "postgres")
         os.chmod(root, 0o700)
     port = _free_port()
-    subprocess.run(_as_owner([initdb, "-D", data, "-A", "trust", "-U", "moetune", "--no-sync"]), check=True,
-                   capture_output=True)
+    subprocess.run(
+        _as_owner([initdb, "-D", data, "-A", "trust", "-U", "moetune", "--no-sync"]), check=True, capture_output=True
+    )
     options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=100"
-    subprocess.run(_as_owner([pg_ctl, "-D", data, "-o", options, "-l", os.path.join(root, "log"), "-w", "start"]),
-                   check=True, capture_output=True)
+    subprocess.run(
+        _as_owner([pg_ctl, "-D", data, "-o", options, "-l", os.path.join(root, "log"), "-w", "start"]),
+        check=True,
+        capture_output=True,
+    )
     try:
         yield f"postgresql://moetune@127.0.0.1:{port}/postgres"
     finally:

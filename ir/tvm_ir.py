@@ -52,9 +52,11 @@ def _panels(n: int, p: int) -> int:
 def gemm1_func(problem: Problem, panel: int) -> tvm.tirx.PrimFunc:
     """act[b, m, n] = act(x[tok[b,m]] . Wg[e_b, n] (+ bias), x[tok[b,m]] . Wu[e_b, n] (+ bias)).
 
-    Args: x (T,H), tok (NB,BM) i32, wt (NB,BM) f32, bexp (NB,) i32, wg, wu (E,ceil(I/P),H,P) [, bias (E,2I)],
-    act (NB,BM,I). With w_in the routing weight scales the GEMM result before the bias (= scaling the input).
-    Blocks: "G" and "U" (the two fp32 reductions), "A" (the epilogue, the output).
+    Args: x (T,H), tok (NB,BM) i32, wt (NB,BM) f32, bexp (NB,) i32, wgu (E,ceil(I/P),H,2P) [, bias (E,2I)],
+    act (NB,BM,I). Each packed panel holds P gate columns then the P matching up columns, so one reduction
+    ("GU", fp32) computes gate and up together: one pass over the x row feeds both, and a register tile
+    covers 2P columns. With w_in the routing weight scales the GEMM result before the bias (= scaling the
+    input). Blocks: "GU" (the reduction), "A" (the epilogue, the output).
     """
     h, i, e, bm, dt = problem["H"], problem["I"], problem["E"], problem["BM"], problem.dtype
     t, nb = te.var("T"), te.var("NB")
@@ -62,24 +64,24 @@ def gemm1_func(problem: Problem, panel: int) -> tvm.tirx.PrimFunc:
     tok = te.placeholder((nb, bm), "int32", name="tok")
     wt = te.placeholder((nb, bm), F32, name="wt")
     bexp = te.placeholder((nb,), "int32", name="bexp")
-    wg = te.placeholder((e, _panels(i, panel), h, panel), dt, name="wg")
-    wu = te.placeholder((e, _panels(i, panel), h, panel), dt, name="wu")
-    kg, ku = te.reduce_axis((0, h), name="kg"), te.reduce_axis((0, h), name="ku")
-
-    def dot(w, k):
-        return lambda b, m, n: te.sum(
-            x[tok[b, m], k].astype(F32) * w[bexp[b], n // panel, k, n % panel].astype(F32), axis=k
-        )
-
-    g = te.compute((nb, bm, i), dot(wg, kg), name="G")
-    u = te.compute((nb, bm, i), dot(wu, ku), name="U")
-    args = [x, tok, wt, bexp, wg, wu]
+    npanel, two_p = _panels(i, panel), 2 * panel
+    wgu = te.placeholder((e, npanel, h, two_p), dt, name="wgu")
+    k = te.reduce_axis((0, h), name="k")
+    gu = te.compute(
+        (nb, bm, npanel * two_p),
+        lambda b, m, j: te.sum(
+            x[tok[b, m], k].astype(F32) * wgu[bexp[b], j // two_p, k, j % two_p].astype(F32), axis=k
+        ),
+        name="GU",
+    )
+    args = [x, tok, wt, bexp, wgu]
     bias = te.placeholder((e, 2 * i), dt, name="bias") if problem["bias"] else None
     if bias is not None:
         args.append(bias)
 
     def epilogue(b, m, n):
-        gv, uv = g[b, m, n], u[b, m, n]
+        col = n // panel * two_p + n % panel
+        gv, uv = gu[b, m, col], gu[b, m, col + panel]
         if problem["w_in"]:
             gv, uv = gv * wt[b, m], uv * wt[b, m]
         if bias is not None:

@@ -33,11 +33,13 @@ def pack_panels(w: torch.Tensor, panel: int) -> torch.Tensor:
     return w.reshape(g, n_pad // panel, panel, kd).transpose(2, 3).contiguous()
 
 
-def _packed(source: torch.Tensor, part: slice, panel: int) -> torch.Tensor:
+def _packed(source: torch.Tensor, part: slice, panel: int, interleave: int | None = None) -> torch.Tensor:
     """pack_panels(source[:, part]) memoised on the owning tensor's identity and version.
 
-    `source` may be a fresh view (e.g. weight.unsqueeze(0)); views share their base's version counter, so the
-    memo is keyed on the base and dropped when the base is freed.
+    `interleave=I` packs a (G, 2I, Kd) [gate | up] tensor into (G, ceil(I/P), Kd, 2P) panels of P gate
+    columns followed by the P matching up columns (gemm1's layout). `source` may be a fresh view (e.g.
+    weight.unsqueeze(0)); views share their base's version counter, so the memo is keyed on the base and
+    dropped when the base is freed.
     """
     owner = source._base if source._base is not None else source
     key = (
@@ -49,11 +51,17 @@ def _packed(source: torch.Tensor, part: slice, panel: int) -> torch.Tensor:
         part.start,
         part.stop,
         panel,
+        interleave,
     )
     hit = _PACKED.get(key)
     if hit is not None and hit[0]() is owner:
         return hit[1]
-    packed = pack_panels(source.detach()[:, part], panel)
+    w = source.detach()
+    if interleave is None:
+        packed = pack_panels(w[:, part], panel)
+    else:
+        i = interleave
+        packed = torch.cat([pack_panels(w[:, :i], panel), pack_panels(w[:, i : 2 * i], panel)], dim=-1).contiguous()
     _PACKED[key] = (weakref.ref(owner), packed)
     weakref.finalize(owner, _PACKED.pop, key, None)
     return packed
@@ -127,8 +135,7 @@ def gemm1(
         al.sorted_token,
         al.sorted_weight,
         al.block_expert,
-        _packed(gate_up_proj, slice(0, i), nt),
-        _packed(gate_up_proj, slice(i, 2 * i), nt),
+        _packed(gate_up_proj, slice(None), nt, interleave=i),
     ]
     if problem["bias"]:
         args.append(gate_up_bias.contiguous())

@@ -33,6 +33,23 @@ def pack_panels(w: torch.Tensor, panel: int) -> torch.Tensor:
     return w.reshape(g, n_pad // panel, panel, kd).transpose(2, 3).contiguous()
 
 
+def pack_gate_up(w: torch.Tensor, i: int, panel: int) -> torch.Tensor:
+    """(G, 2I, Kd) [gate | up] -> (G, ceil(I/P), Kd, 2P): P gate columns, then the P matching up columns.
+
+    Written straight into the result (one copy of the weights, no temporaries: Mixtral-8x7B's gate_up is
+    3.8 GB in fp32)."""
+    g, _, kd = w.shape
+    npanel = -(-i // panel)
+    out = (w.new_zeros if i % panel else w.new_empty)(g, npanel, kd, 2 * panel)
+    for half, rows in enumerate((w[:, :i], w[:, i : 2 * i])):
+        dest = out[..., half * panel : (half + 1) * panel]
+        if i % panel:  # ragged last panel (small shapes): the padding path
+            dest.copy_(pack_panels(rows, panel))
+        else:
+            dest.copy_(rows.reshape(g, npanel, panel, kd).transpose(2, 3))
+    return out
+
+
 def _packed(source: torch.Tensor, part: slice, panel: int, interleave: int | None = None) -> torch.Tensor:
     """pack_panels(source[:, part]) memoised on the owning tensor's identity and version.
 
@@ -57,11 +74,7 @@ def _packed(source: torch.Tensor, part: slice, panel: int, interleave: int | Non
     if hit is not None and hit[0]() is owner:
         return hit[1]
     w = source.detach()
-    if interleave is None:
-        packed = pack_panels(w[:, part], panel)
-    else:
-        i = interleave
-        packed = torch.cat([pack_panels(w[:, :i], panel), pack_panels(w[:, i : 2 * i], panel)], dim=-1).contiguous()
+    packed = pack_panels(w[:, part], panel) if interleave is None else pack_gate_up(w, interleave, panel)
     _PACKED[key] = (weakref.ref(owner), packed)
     weakref.finalize(owner, _PACKED.pop, key, None)
     return packed

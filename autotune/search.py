@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import socket
 import time
 import warnings
 from collections.abc import Callable
@@ -249,8 +250,9 @@ def tune_op(
         if violations:
             trial.set_user_attr("pruned", "; ".join(violations))
             raise optuna.TrialPruned()
-        res = _measure(ctx, m, op_name, "tvm", point)
         trial.set_user_attr("config", point)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # who ran it (many workers)
+        res = _measure(ctx, m, op_name, "tvm", point)
         if not res.ok:
             trial.set_user_attr("error", res.error)
             raise TrialFailed(res.error)

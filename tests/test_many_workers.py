@@ -82,8 +82,13 @@ def test_four_workers_one_killed(tmp_path, fresh_pg_url):
             study = _study(url)
         except (ValueError, KeyError):
             continue
-        states = [t.state for t in study.trials]
-        if sum(s.is_finished() for s in states) >= 6 and optuna.trial.TrialState.RUNNING in states:
+        finished = sum(t.state.is_finished() for t in study.trials)
+        victim_running = [
+            t
+            for t in study.trials
+            if t.state == optuna.trial.TrialState.RUNNING and t.user_attrs.get("worker", "").endswith(f":{victim.pid}")
+        ]
+        if finished >= 6 and victim_running:  # kill it in the middle of one of *its* trials
             os.killpg(victim.pid, signal.SIGKILL)  # the worker and its trial subprocess
             killed_running = True
     assert killed_running, "the victim was never killed mid-run"

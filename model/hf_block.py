@@ -128,29 +128,46 @@ def _config(block: nn.Module) -> dict[str, Any]:
     return fields
 
 
-def _routed_weights(block: nn.Module) -> dict[str, torch.Tensor]:
-    kind, ex = type(block).__name__, block.experts
-    if kind == "GptOssMLP":
-        gu, gu_b = ex.gate_up_proj, ex.gate_up_proj_bias  # (E, H, 2I), (E, 2I) interleaved
-        return {
-            "gate_up_proj": torch.cat([gu[..., ::2], gu[..., 1::2]], dim=-1).transpose(1, 2),
-            "down_proj": ex.down_proj.transpose(1, 2),
-            "gate_up_bias": torch.cat([gu_b[..., ::2], gu_b[..., 1::2]], dim=-1),
-            "down_bias": ex.down_proj_bias,
-        }
-    if kind == "Llama4TextMoe":
-        return {"gate_up_proj": ex.gate_up_proj.transpose(1, 2), "down_proj": ex.down_proj.transpose(1, 2)}
-    return {"gate_up_proj": ex.gate_up_proj, "down_proj": ex.down_proj}
+# (is_concatenated, is_transposed) of the blocks whose experts are not in moetune's layout; the same flags
+# transformers' `use_experts_implementation` puts on its experts classes.
+_EXPERT_LAYOUTS = {"GptOssMLP": (False, True), "Llama4TextMoe": (True, True)}
 
 
-def moe_from_hf_block(block: nn.Module) -> MoE:
+def experts_weights(ex: nn.Module, concatenated: bool = True, transposed: bool = False) -> dict[str, torch.Tensor]:
+    """An HF experts module's tensors in moetune's layout: gate_up_proj (E, 2I, H) [gate | up], down_proj
+    (E, H, I), and gate_up_bias / down_bias when it has biases. `transposed`: stored as (E, H, 2I) / (E, I, H)
+    (views, no copy); not `concatenated`: gate and up interleaved on the 2I axis (one copy)."""
+    gu, down = ex.gate_up_proj, ex.down_proj
+    gu_b, down_b = getattr(ex, "gate_up_proj_bias", None), getattr(ex, "down_proj_bias", None)
+    if transposed:
+        gu, down = gu.transpose(1, 2), down.transpose(1, 2)
+    if not concatenated:
+        gu = torch.cat([gu[:, ::2], gu[:, 1::2]], dim=1)
+        gu_b = torch.cat([gu_b[..., ::2], gu_b[..., 1::2]], dim=-1) if gu_b is not None else None
+    out = {"gate_up_proj": gu, "down_proj": down}
+    if gu_b is not None:
+        out.update(gate_up_bias=gu_b, down_bias=down_b)
+    return out
+
+
+def hf_block_config(block: nn.Module) -> MoEConfig:
+    """The MoEConfig of a supported HF MoE block, read off its modules."""
     kind = type(block).__name__
     if kind not in SUPPORTED_BLOCKS:
         raise ValueError(f"unsupported HF MoE block {kind}; supported: {', '.join(SUPPORTED_BLOCKS)}")
-    cfg = MoEConfig(**_config(block))
-    moe = MoE(cfg)
-    router = block.router if kind in ("GptOssMLP", "Llama4TextMoe") else block.gate
-    state = {"router.weight": router.weight, **{f"experts.{k}": v for k, v in _routed_weights(block).items()}}
+    return MoEConfig(**_config(block))
+
+
+def hf_block_weights(block: nn.Module, cfg: MoEConfig, kind: str | None = None) -> dict[str, torch.Tensor]:
+    """The block's tensors under moetune's state_dict names, in moetune's layout.
+
+    Views of the block's own parameters where the layouts agree (no copy; Llama 4's transposes are views
+    too); gpt-oss's interleaved gate/up and the shared expert's separate gate/up Linears are concatenated
+    (copies). `kind`: the block's class name, when `block` is a module holding its children (TunedMoE)."""
+    kind = kind or type(block).__name__
+    router = block.router if kind in _EXPERT_LAYOUTS else block.gate
+    routed = experts_weights(block.experts, *_EXPERT_LAYOUTS.get(kind, (True, False)))
+    state = {"router.weight": router.weight, **{f"experts.{k}": v for k, v in routed.items()}}
     if cfg.router_bias:
         state["router.bias"] = router.bias
     if cfg.score_correction_bias:
@@ -160,5 +177,13 @@ def moe_from_hf_block(block: nn.Module) -> MoE:
         state["shared_expert.gate_up_proj"], state["shared_expert.down_proj"] = _mlp_weights(mlp)
         if shared_gate is not None:
             state["shared_expert.gate_weight"] = shared_gate.weight
-    moe.load_state_dict({k: v.detach().clone().contiguous() for k, v in state.items()}, strict=True)
+    return {k: v.detach() for k, v in state.items()}
+
+
+def moe_from_hf_block(block: nn.Module) -> MoE:
+    """A reference MoE with a copy of the block's weights."""
+    cfg = hf_block_config(block)
+    moe = MoE(cfg)
+    state = hf_block_weights(block, cfg)
+    moe.load_state_dict({k: v.clone().contiguous() for k, v in state.items()}, strict=True)
     return moe

@@ -15,8 +15,8 @@ _LAZY = {
     "TunedMoE": "moetune.model.tuned",
     "patch": "moetune.model.hf",
     "register_hf": "moetune.model.hf",
-    "package": "moetune.model.package",
-    "load": "moetune.model.package",
+    "package": "moetune.model.packaging",
+    "load": "moetune.model.packaging",
 }
 
 

@@ -1,0 +1,292 @@
+"""Packages: a model, its MoE configs and its tuned kernel records in one directory; safetensors + JSON only.
+
+Layout of a package directory (every file is listed in the manifest with its SHA-256 and size):
+  manifest.json        {"format": "moetune-package", "schema": 1, "kind", "versions", "targets", "files"}
+  moetune.json         {"kind", "moe_configs": {module path: MoEConfig dict}, and the kind's own config}
+  model.safetensors    the weights, under the model's own state_dict keys
+  kernels.json         the tuned kernel records (autotune/db.py's export format) for the packaged targets
+  config.json, generation_config.json, tokenizer files     for Hugging Face models (written by HF)
+
+Kinds:
+  "moe"            a moetune MoE / TunedMoE layer; load() returns a TunedMoE
+  "hf-causal-lm"   a transformers causal LM with MoE blocks (patched or not); load() returns it patched
+  other            a module that declares `package_kind`, `package_config() -> dict` and the classmethod
+                   `from_package_config(config, tokenizer) -> module` (e.g. the distilled encoder student),
+                   registered with `register_kind`; load() swaps its MoE layers to TunedMoE
+
+load() verifies the manifest first (a missing or changed file is an error naming the file), then picks the
+kernel records of the local target; without any, it falls back with a one-line warning to the records of
+the nearest target of the same kind (a CPU's tuned points compile for this CPU too), else to defaults.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from moetune.model.config import MoEConfig
+from moetune.model.moe import MoE
+
+FORMAT, SCHEMA = "moetune-package", 1
+MANIFEST, META, WEIGHTS, KERNELS = "manifest.json", "moetune.json", "model.safetensors", "kernels.json"
+_KINDS: dict[str, type] = {}
+
+
+class PackageError(ValueError):
+    """A package that cannot be written or loaded; the message is one line and names the file."""
+
+
+def register_kind(kind: str, cls: type) -> None:
+    """Make `load` rebuild packages of `kind` with `cls.from_package_config(config, tokenizer)`."""
+    _KINDS[kind] = cls
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _moe_blocks(model: nn.Module) -> dict[str, MoEConfig]:
+    from moetune.model.hf_block import SUPPORTED_BLOCKS, hf_block_config
+    from moetune.model.tuned import TunedMoE
+
+    found: dict[str, MoEConfig] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (MoE, TunedMoE)):
+            found[name] = m.cfg
+        elif type(m).__name__ in SUPPORTED_BLOCKS:
+            found[name] = hf_block_config(m)
+    return found
+
+
+def _kind(model: nn.Module) -> str:
+    from moetune.model.tuned import TunedMoE
+
+    if isinstance(model, (MoE, TunedMoE)):
+        if isinstance(model, TunedMoE) and model._kind != "moe":
+            raise PackageError(f"a TunedMoE over an HF {model._kind} block is packaged with its model, not alone")
+        return "moe"
+    if getattr(model, "package_kind", None):
+        return model.package_kind
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_json_string") and hasattr(model, "generate"):
+        return "hf-causal-lm"
+    raise PackageError(
+        f"cannot package a {type(model).__name__}: package takes a moetune MoE/TunedMoE, a transformers causal LM, "
+        "or a module with package_kind/package_config"
+    )
+
+
+def _records(cfgs: list[MoEConfig], targets: list[str], db: Any) -> list[dict[str, Any]]:
+    """The DB's records, at the current versions, of every op these configs lower to, for these targets."""
+    from moetune.autotune.db import current_versions
+    from moetune.ir.program import lower
+    from moetune.kernels.target import resolve_target
+    from moetune.model.tuned import _open_db
+
+    handle = _open_db(db)
+    names = [resolve_target(t).name for t in targets]
+    if handle is None:
+        warnings.warn("moetune: no kernel database; the package carries no tuned kernels", stacklevel=3)
+        return []
+    ops = {op.problem.signature for cfg in set(cfgs) for b in range(17) for op in lower(cfg, 1 << b)}
+    versions = current_versions()
+    rows = [r.to_dict() for t in names for r in handle.records(target=t) if r.key.op in ops and r.versions == versions]
+    for t in names:
+        if not any(r["target"] == t for r in rows):
+            warnings.warn(
+                f"moetune: no tuned kernels for target {t!r} in {handle.location}; the package uses defaults there",
+                stacklevel=3,
+            )
+    return rows
+
+
+def package(
+    model: nn.Module,
+    out_dir: str | Path,
+    targets: list[str] | tuple[str, ...] = ("cpu",),
+    db: Any = None,
+    tokenizer: Any = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write `model` (weights, configs, tuned kernel records for `targets`, manifest) to `out_dir`."""
+    from safetensors.torch import save_model
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise PackageError(f"{out} exists and is not empty; choose another directory or pass overwrite=True")
+    kind = _kind(model)
+    blocks = _moe_blocks(model)
+    if not blocks:
+        raise PackageError(f"{type(model).__name__} has no MoE block to run on tuned kernels")
+    out.mkdir(parents=True, exist_ok=True)
+    meta: dict[str, Any] = {"kind": kind, "moe_configs": {k: v.to_dict() for k, v in blocks.items()}}
+    if kind == "hf-causal-lm":
+        model.config.save_pretrained(out)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(out)
+    elif kind != "moe":
+        meta["config"] = model.package_config()
+    if tokenizer is None:
+        tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    save_model(model, str(out / WEIGHTS), metadata={"format": "pt"})
+    rows = _records(list(blocks.values()), list(targets), db)
+    (out / KERNELS).write_text(json.dumps({"schema": 1, "records": rows}, indent=1, sort_keys=True) + "\n")
+    (out / META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    from moetune.autotune.db import current_versions
+    from moetune.kernels.target import resolve_target
+
+    files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != MANIFEST)
+    bad = [p.name for p in files if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".pickle")]
+    if bad:
+        raise PackageError(f"refusing to package pickle file(s) {', '.join(bad)}")
+    manifest = {
+        "format": FORMAT,
+        "schema": SCHEMA,
+        "kind": kind,
+        "versions": current_versions(),
+        "targets": [resolve_target(t).name for t in targets],
+        "files": {str(p.relative_to(out)): {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files},
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    return out
+
+
+# ---- loading ----------------------------------------------------------------------------------------------------
+def read_manifest(pkg_dir: str | Path) -> dict[str, Any]:
+    """The verified manifest: every listed file present with its recorded SHA-256."""
+    root = Path(pkg_dir)
+    path = root / MANIFEST
+    if not path.is_file():
+        raise PackageError(f"{root} is not a moetune package (no {MANIFEST})")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise PackageError(f"{path}: unreadable manifest ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise PackageError(f"{path}: not a moetune package manifest")
+    schema = manifest.get("schema")
+    if not isinstance(schema, int) or schema > SCHEMA:
+        raise PackageError(f"{path}: package schema {schema!r} is newer than this moetune reads ({SCHEMA}); upgrade")
+    for name, entry in manifest.get("files", {}).items():
+        f = root / name
+        if not f.is_file():
+            raise PackageError(f"{root}: file {name} listed in the manifest is missing")
+        if _sha256(f) != entry.get("sha256"):
+            raise PackageError(f"{root}: file {name} changed since it was packaged (SHA-256 mismatch)")
+    for needed in (META, WEIGHTS, KERNELS):
+        if needed not in manifest.get("files", {}):
+            raise PackageError(f"{path}: the manifest does not list {needed}")
+    return manifest
+
+
+def _target_kind(name: str) -> str | None:
+    if name.startswith("llvm"):
+        return "cpu"
+    if name.startswith(("sm_", "cuda")):
+        return "cuda"
+    return None
+
+
+def kernel_db_for(root: Path, target: Any) -> Any:
+    """An in-memory kernel DB of the package's records for `target`, with the fallbacks of the module doc."""
+    from moetune.autotune.db import KernelKey, KernelRecord, MemoryKernelDB
+
+    data = json.loads((root / KERNELS).read_text())
+    records = [KernelRecord.from_dict(r) for r in data.get("records", [])]
+    for unknown in sorted({r.key.target for r in records if _target_kind(r.key.target) is None}):
+        warnings.warn(f"moetune: kernel records for unknown target {unknown!r} are ignored", stacklevel=3)
+    mine = [r for r in records if r.key.target == target.name]
+    if not mine:
+        same_kind = sorted({r.key.target for r in records if _target_kind(r.key.target) == target.kind})
+        if same_kind:
+            nearest = same_kind[0]
+            warnings.warn(
+                f"moetune: no kernel records for {target.name}; using those tuned for {nearest}", stacklevel=3
+            )
+            mine = [
+                KernelRecord(
+                    KernelKey(target.name, r.key.op, r.key.dtype, r.key.m_bucket),
+                    **{
+                        f: getattr(r, f)
+                        for f in (
+                            "versions",
+                            "backend",
+                            "config",
+                            "p20_ms",
+                            "p50_ms",
+                            "p80_ms",
+                            "baseline_p50_ms",
+                            "trials",
+                            "created_at",
+                        )
+                    },
+                )
+                for r in records
+                if r.key.target == nearest
+            ]
+        elif records or data.get("records") is not None:
+            warnings.warn(
+                f"moetune: the package has no kernel records for {target.name}; using default kernels", stacklevel=3
+            )
+    return MemoryKernelDB(mine)
+
+
+def load_tokenizer(pkg_dir: str | Path) -> Any:
+    """The package's tokenizer (transformers), or None when it was packaged without one."""
+    root = Path(pkg_dir)
+    if not any((root / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(root))
+
+
+def load(pkg_dir: str | Path, target: str = "cpu", backends: tuple[str, ...] | None = None) -> nn.Module:
+    """Verify and load a package; returns a runnable module on the package's kernels for `target`."""
+    from safetensors.torch import load_model
+
+    from moetune.kernels.registry import BACKENDS
+    from moetune.kernels.target import resolve_target
+    from moetune.model.hf import patch
+    from moetune.model.tuned import TunedMoE
+
+    root = Path(pkg_dir)
+    manifest = read_manifest(root)
+    meta = json.loads((root / META).read_text())
+    kind, tgt = manifest["kind"], resolve_target(target)
+    db = kernel_db_for(root, tgt)
+    kw = {"target": tgt, "db": db, "backends": backends or BACKENDS}
+    if kind == "moe":
+        (cfg,) = [MoEConfig.from_dict(c) for c in meta["moe_configs"].values()]
+        model = TunedMoE(cfg, **kw)
+    elif kind == "hf-causal-lm":
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(root)))
+    elif kind in _KINDS:
+        model = _KINDS[kind].from_package_config(meta["config"], load_tokenizer(root))
+    else:
+        raise PackageError(f"{root}: unknown package kind {kind!r} (known: moe, hf-causal-lm, {', '.join(_KINDS)})")
+    missing, unexpected = load_model(model, str(root / WEIGHTS), strict=False)
+    if missing or unexpected:
+        raise PackageError(
+            f"{root}/{WEIGHTS} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    if kind != "moe":
+        patch(model, **kw)
+    return model.eval()
+
+
+def is_package(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()

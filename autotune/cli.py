@@ -192,6 +192,10 @@ def _mount() -> None:
     from moetune.autotune.db_cli import db_app
 
     app.add_typer(db_app, name="db")
+    from moetune.autotune.package_cli import package_command, run_command
+
+    app.command("package")(package_command)
+    app.command("run")(run_command)
 
 
 _mount()

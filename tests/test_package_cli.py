@@ -1,0 +1,74 @@
+"""`moetune package` and `moetune run` through typer's CliRunner."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from moetune.autotune.cli import app
+from moetune.autotune.db import MemoryKernelDB
+from moetune.model import MoE, MoEConfig, package
+
+pytest.importorskip("transformers")
+runner = CliRunner()
+
+
+def _fails(result, needle: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], result.stderr
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A tiny random Mixtral causal LM saved the Hugging Face way, with a tokenizer."""
+    from test_dropin import _model
+    from test_package import _tokenizer
+
+    path = tmp_path_factory.mktemp("hf") / "tiny-mixtral"
+    model = _model("mixtral", experts_implementation="eager")
+    model.save_pretrained(path)
+    _tokenizer().save_pretrained(path)
+    return path
+
+
+def test_package_then_run_generates(hf_dir, tmp_path):
+    out = tmp_path / "pkg"
+    result = runner.invoke(app, ["package", str(hf_dir), str(out), "--db", str(tmp_path / "none.db"), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["kind"] == "hf-causal-lm" and "model.safetensors" in data["files"] and data["records"] == 0
+
+    result = runner.invoke(app, ["run", str(out), "the cat sat", "--max-new-tokens", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    run = json.loads(result.stdout)
+    assert run["new_tokens"] == 3 and run["completion"].strip()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok, eager = AutoTokenizer.from_pretrained(hf_dir), AutoModelForCausalLM.from_pretrained(hf_dir)
+    ids = tok("the cat sat", return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = eager.generate(ids, max_new_tokens=3, do_sample=False)[0, ids.shape[1] :]
+    assert run["completion"] == tok.decode(want, skip_special_tokens=True)
+
+    result = runner.invoke(app, ["run", str(out), "the cat sat", "--max-new-tokens", "2"])
+    assert result.exit_code == 0 and "tok/s" in result.output
+
+
+def test_cli_bad_input(hf_dir, tmp_path):
+    _fails(runner.invoke(app, ["package", str(tmp_path / "nope"), str(tmp_path / "o")]), "does not exist")
+    _fails(runner.invoke(app, ["package", str(tmp_path), str(tmp_path / "o")]), "neither a moetune package")
+    _fails(runner.invoke(app, ["run", str(tmp_path), "hi"]), "not a moetune package")
+    moe_pkg = package(
+        MoE(MoEConfig(hidden_size=16, intermediate_size=8, num_experts=4, top_k=2)), tmp_path / "m", db=MemoryKernelDB()
+    )
+    _fails(runner.invoke(app, ["run", str(moe_pkg), "hi"]), "no text interface")
+    (moe_pkg / "moetune.json").write_text("{}")
+    _fails(runner.invoke(app, ["run", str(moe_pkg), "hi"]), "moetune.json changed since it was packaged")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    _fails(runner.invoke(app, ["package", str(hf_dir), str(tmp_path / "full")]), "exists and is not empty")

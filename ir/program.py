@@ -7,6 +7,7 @@ The ops, in order (names are the program's; `Problem.op` is the kernel kind):
   route          x (T, H) -> weights (T, K) fp32, ids (T, K) int32      router GEMM + score fn + top-k
   align          ids (T, K) -> the S routed rows sorted by expert, padded per expert to a multiple of BM
   experts.gemm1  gathered x rows @ gate_up_proj[e]^T, activation fused   -> act (NB*BM, I)
+                 (gated: act(gate) * up over 2I columns; non-gated: act over I columns)
   experts.gemm2  act @ down_proj[e]^T, routing weight + combine to T rows fused -> (T, H)
   shared.route   (Qwen2-MoE's gated shared expert only) sigmoid(x . g) as a one-expert route
   shared.align   the shared expert(s) as the same pipeline with E = 1, K = 1 (one block list over T rows)
@@ -27,10 +28,13 @@ the kernel's grid) depends on it.
 Problem signatures (the kernel database keys on these; they are stable and documented):
   "<op>[<key>=<value>,...]:<dtype>"  with the keys in the fixed per-op order below, booleans as 0/1, floats
   with repr(); T is *not* part of a signature (it is the DB's M bucket), BM is (the kernel depends on it).
-  route  H,E,K,router,norm,scale,n_group,topk_group,group_score,bias,cbias
+  route  H,E,K,router,norm,scale,n_group,topk_group,group_score,bias,cbias     (router: the kind, e.g. topk_hard)
   align  E,K,BM
-  gemm1  H,I,E,BM,act,alpha,limit,bias,w_in     (w_in: routing weight applied to the input rows)
-  gemm2  H,I,E,K,BM,bias,w_out                  (w_out: routing weight applied to the output rows)
+  gemm1  H,I,E,BM,gated,act,alpha,limit,bias,w_in  (gated: 1 = act(gate) * up from gate_up (E,2I,H), 0 = act(up)
+                                                    from (E,I,H); w_in: routing weight applied to the input rows)
+  gemm2  H,I,E,K,BM,bias,w_out                     (w_out: routing weight applied to the output rows)
+gemm1 gained `gated` with non-gated experts (issue #7): DB records from before it have another signature and are
+never looked up again (their kernel source hash is stale too).
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ OPS = ("route", "align", "gemm1", "gemm2")
 _KEYS = {
     "route": ("H", "E", "K", "router", "norm", "scale", "n_group", "topk_group", "group_score", "bias", "cbias"),
     "align": ("E", "K", "BM"),
-    "gemm1": ("H", "I", "E", "BM", "act", "alpha", "limit", "bias", "w_in"),
+    "gemm1": ("H", "I", "E", "BM", "gated", "act", "alpha", "limit", "bias", "w_in"),
     "gemm2": ("H", "I", "E", "K", "BM", "bias", "w_out"),
 }
 
@@ -142,7 +146,7 @@ def _gemm_problems(
     act_args = {"act": cfg.activation, "alpha": 0.0, "limit": 0.0}
     if cfg.activation == "swiglu_oai":
         act_args.update(alpha=float(cfg.swiglu_alpha), limit=float(cfg.swiglu_limit))
-    g1 = Problem.make("gemm1", cfg.dtype, H=h, I=i, E=e, BM=bm, bias=bias, w_in=w_in, **act_args)
+    g1 = Problem.make("gemm1", cfg.dtype, H=h, I=i, E=e, BM=bm, gated=cfg.gated, bias=bias, w_in=w_in, **act_args)
     g2 = Problem.make("gemm2", cfg.dtype, H=h, I=i, E=e, K=k, BM=bm, bias=bias, w_out=not w_in)
     return ProgramOp(f"{prefix}.gemm1", g1), ProgramOp(f"{prefix}.gemm2", g2)
 

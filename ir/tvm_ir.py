@@ -12,7 +12,8 @@ everything else is static. Blocks are never split by a schedule (only their BM r
 TVM 0.27 fails to compile a predicated split of a symbolic extent under a local accumulator.
 
 Weight layout. GEMM weights arrive packed in panels of P output columns, `(E, ceil(N/P), Kd, P)`, so the
-innermost loop of a tile reads P contiguous weights and vectorises (packing: kernels/moe_tvm.py). P is the
+innermost loop of a tile reads P contiguous weights and vectorises (packing: kernels/moe_tvm.py); a gated
+gemm1 interleaves its gate and up panels into `(E, ceil(I/P), H, 2P)`, a non-gated one uses plain P panels. P is the
 schedule's `nt`, which is why these builders take it: the layout is part of the schedule point.
 """
 
@@ -28,21 +29,26 @@ from moetune.ir.program import Problem
 F32 = "float32"
 
 
+def _plain_act(kind: str, v):
+    """act(v) on an fp32 TE expression (same formulas as reference.plain_act)."""
+    if kind == "silu":
+        return v * te.sigmoid(v)
+    if kind == "gelu":
+        return 0.5 * v * (1.0 + te.erf(v * (1.0 / math.sqrt(2.0))))
+    if kind == "gelu_tanh":
+        return 0.5 * v * (1.0 + te.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v * v * v)))
+    if kind == "relu":
+        return te.max(v, tvm.tirx.const(0.0, F32))
+    raise ValueError(f"unknown activation {kind!r}")
+
+
 def _act(kind: str, g, u, alpha: float, limit: float):
     """act(gate) * up on fp32 TE expressions (same formulas as reference.gated_act)."""
     if kind == "swiglu_oai":
         g = te.min(g, tvm.tirx.const(limit, F32))
         u = te.max(te.min(u, tvm.tirx.const(limit, F32)), tvm.tirx.const(-limit, F32))
         return (u + 1.0) * (g * te.sigmoid(g * alpha))
-    if kind == "silu":
-        return g * te.sigmoid(g) * u
-    if kind == "gelu":
-        return 0.5 * g * (1.0 + te.erf(g * (1.0 / math.sqrt(2.0)))) * u
-    if kind == "gelu_tanh":
-        return 0.5 * g * (1.0 + te.tanh(math.sqrt(2.0 / math.pi) * (g + 0.044715 * g * g * g))) * u
-    if kind == "relu":
-        return te.max(g, tvm.tirx.const(0.0, F32)) * u
-    raise ValueError(f"unknown activation {kind!r}")
+    return _plain_act(kind, g) * u
 
 
 def _panels(n: int, p: int) -> int:
@@ -50,42 +56,50 @@ def _panels(n: int, p: int) -> int:
 
 
 def gemm1_func(problem: Problem, panel: int) -> tvm.tirx.PrimFunc:
-    """act[b, m, n] = act(x[tok[b,m]] . Wg[e_b, n] (+ bias), x[tok[b,m]] . Wu[e_b, n] (+ bias)).
+    """act[b, m, n] = act(x[tok[b,m]] . Wg[e_b, n] (+ bias), x[tok[b,m]] . Wu[e_b, n] (+ bias)), or for a
+    non-gated problem act(x[tok[b,m]] . Wu[e_b, n] (+ bias)).
 
-    Args: x (T,H), tok (NB,BM) i32, wt (NB,BM) f32, bexp (NB,) i32, wgu (E,ceil(I/P),H,2P) [, bias (E,2I)],
-    act (NB,BM,I). Each packed panel holds P gate columns then the P matching up columns, so one reduction
-    ("GU", fp32) computes gate and up together: one pass over the x row feeds both, and a register tile
-    covers 2P columns. With w_in the routing weight scales the GEMM result before the bias (= scaling the
-    input). Blocks: "GU" (the reduction), "A" (the epilogue, the output).
+    Args: x (T,H), tok (NB,BM) i32, wt (NB,BM) f32, bexp (NB,) i32, wgu (E,ceil(I/P),H,W) [, bias (E,UI)],
+    act (NB,BM,I); W = 2P, U = 2 when gated, else W = P, U = 1. A gated panel holds P gate columns then the
+    P matching up columns, so one reduction ("GU", fp32) computes gate and up together: one pass over the x
+    row feeds both, and a register tile covers 2P columns. A non-gated panel is P plain up columns (the
+    layout of every other GEMM) and the activation applies to the one accumulator. With w_in the routing
+    weight scales the GEMM result before the bias (= scaling the input). Blocks: "GU" (the reduction), "A"
+    (the epilogue, the output).
     """
     h, i, e, bm, dt = problem["H"], problem["I"], problem["E"], problem["BM"], problem.dtype
+    gated = bool(problem["gated"])
     t, nb = te.var("T"), te.var("NB")
     x = te.placeholder((t, h), dt, name="x")
     tok = te.placeholder((nb, bm), "int32", name="tok")
     wt = te.placeholder((nb, bm), F32, name="wt")
     bexp = te.placeholder((nb,), "int32", name="bexp")
-    npanel, two_p = _panels(i, panel), 2 * panel
-    wgu = te.placeholder((e, npanel, h, two_p), dt, name="wgu")
+    npanel, width = _panels(i, panel), (2 * panel if gated else panel)
+    wgu = te.placeholder((e, npanel, h, width), dt, name="wgu")
     k = te.reduce_axis((0, h), name="k")
     gu = te.compute(
-        (nb, bm, npanel * two_p),
+        (nb, bm, npanel * width),
         lambda b, m, j: te.sum(
-            x[tok[b, m], k].astype(F32) * wgu[bexp[b], j // two_p, k, j % two_p].astype(F32), axis=k
+            x[tok[b, m], k].astype(F32) * wgu[bexp[b], j // width, k, j % width].astype(F32), axis=k
         ),
         name="GU",
     )
     args = [x, tok, wt, bexp, wgu]
-    bias = te.placeholder((e, 2 * i), dt, name="bias") if problem["bias"] else None
+    bias = te.placeholder((e, (2 if gated else 1) * i), dt, name="bias") if problem["bias"] else None
     if bias is not None:
         args.append(bias)
 
-    def epilogue(b, m, n):
-        col = n // panel * two_p + n % panel
-        gv, uv = gu[b, m, col], gu[b, m, col + panel]
+    def pre(b, m, col, n):  # one pre-activation: accumulator column col, bias column n, fp32
+        v = gu[b, m, col]
         if problem["w_in"]:
-            gv, uv = gv * wt[b, m], uv * wt[b, m]
-        if bias is not None:
-            gv, uv = gv + bias[bexp[b], n].astype(F32), uv + bias[bexp[b], n + i].astype(F32)
+            v = v * wt[b, m]
+        return v + bias[bexp[b], n].astype(F32) if bias is not None else v
+
+    def epilogue(b, m, n):
+        if not gated:
+            return _plain_act(problem["act"], pre(b, m, n, n)).astype(dt)
+        col = n // panel * width + n % panel
+        gv, uv = pre(b, m, col, n), pre(b, m, col + panel, n + i)
         return _act(problem["act"], gv, uv, problem["alpha"], problem["limit"]).astype(dt)
 
     out = te.compute((nb, bm, i), epilogue, name="A")

@@ -17,7 +17,10 @@ TAKEN = -3.4e38  # below NEG: marks an expert as already chosen
 
 
 def route_select_func(problem: Problem):
-    """logits (T,E) f32, cbias (E,) f32 -> weights (T,K) f32, ids (T,K) i32, per the router kind."""
+    """logits (T,E) f32, cbias (E,) f32 -> weights (T,K) f32, ids (T,K) i32, per the router kind.
+
+    Kinds as in model/config.py: softmax / sigmoid score first; topk_softmax / topk_sigmoid / topk_hard choose
+    on the raw logits, then weigh the chosen: softmax over K, sigmoid, or 1.0 (unweighted selection)."""
     e_, k_, router = problem["E"], problem["K"], problem["router"]
     ng, tg, top2, cbias = (
         problem["n_group"],
@@ -28,6 +31,7 @@ def route_select_func(problem: Problem):
     gs_ = e_ // ng
     softmax, sigmoid = router == "softmax", router == "sigmoid"
     topk_softmax, topk_sigmoid = router == "topk_softmax", router == "topk_sigmoid"
+    topk_hard = router == "topk_hard"  # chosen on the raw logits like topk_*, every weight 1 (then norm, scale)
     renorm = problem["norm"] or topk_softmax  # topk_softmax: exp(l - max) then renormalise = softmax over K
     scale = float(problem["scale"])
 
@@ -111,6 +115,9 @@ def route_select_func(problem: Problem):
             if topk_sigmoid:
                 for j in range(k_):
                     wout[t, j] = T.sigmoid(wout[t, j])
+            if topk_hard:
+                for j in range(k_):
+                    wout[t, j] = T.float32(1)
             if renorm:
                 acc[1] = T.float32(0)
                 for j in range(k_):

@@ -2,7 +2,8 @@
 
 It is a tuning candidate like any other backend (its config space is empty), so a tuned layer is never slower
 than plain torch on the tuning machine. Python loops run over *experts* that received rows, never over tokens.
-Legend: T tokens, H hidden, I intermediate, E experts, K top-k, S = T*K, BM rows per block, NB blocks.
+Legend: T tokens, H hidden, I intermediate, E experts, K top-k, S = T*K, BM rows per block, NB blocks,
+U = 2 for gated experts' gate_up rows [gate | up], 1 for non-gated ones.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def gemm1(
 ) -> torch.Tensor:
     i = problem["I"]
     rows = x[al.sorted_token.reshape(-1).long()]  # (NB*BM, H)
-    pre = torch.empty(rows.shape[0], 2 * i, dtype=x.dtype)
+    pre = torch.empty(rows.shape[0], gate_up_proj.shape[1], dtype=x.dtype)  # (NB*BM, UI): U = 2 gated, else 1
     for e, lo, hi in _segments(al):
         pre[lo:hi] = F.linear(rows[lo:hi], gate_up_proj[e])
     pre = pre.float()
@@ -96,8 +97,7 @@ def gemm1(
         pre = pre * al.sorted_weight.reshape(-1, 1)
     if gate_up_bias is not None:
         pre = pre + gate_up_bias.float()[al.block_expert.long()].repeat_interleave(al.block_m, 0)
-    act = ref.gated_act(pre[:, :i], pre[:, i:], problem["act"], problem["alpha"], problem["limit"])
-    return act.to(x.dtype).view(al.num_blocks, al.block_m, i)
+    return ref.gemm1_act(pre, problem).to(x.dtype).view(al.num_blocks, al.block_m, i)
 
 
 @register_impl("gemm2", "torch")

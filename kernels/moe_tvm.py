@@ -138,8 +138,8 @@ def gemm1(
     gate_up_proj: torch.Tensor,
     gate_up_bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    h, i, e, bm = problem["H"], problem["I"], problem["E"], problem["BM"]
-    _check("gate_up_proj", gate_up_proj, (e, 2 * i, h), x.dtype)
+    h, i, e, bm, gated = problem["H"], problem["I"], problem["E"], problem["BM"], problem["gated"]
+    _check("gate_up_proj", gate_up_proj, (e, (2 if gated else 1) * i, h), x.dtype)
     _check("aligned rows", al.sorted_token, (al.num_blocks, bm))
     mod = build(problem, config.as_dict(), target)
     nt = config["nt"]
@@ -148,7 +148,8 @@ def gemm1(
         al.sorted_token,
         al.sorted_weight,
         al.block_expert,
-        _packed(gate_up_proj, slice(None), nt, interleave=i),
+        # gated: interleaved gate|up panels (pack_gate_up); non-gated: plain up panels (pack_panels)
+        _packed(gate_up_proj, slice(None), nt, interleave=i if gated else None),
     ]
     if problem["bias"]:
         args.append(gate_up_bias.contiguous())

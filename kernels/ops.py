@@ -6,8 +6,8 @@ NB blocks (data dependent). Every backend implements each op with exactly this s
   route(problem, config, target, x (T,H), weight (E,H), bias (E,)|None, correction_bias (E,)|None)
       -> weights (T,K) fp32, ids (T,K) int32
   align(problem, config, target, weights (T,K) fp32, ids (T,K) int32) -> Aligned
-  gemm1(problem, config, target, x (T,H), aligned, gate_up_proj (E,2I,H), gate_up_bias (E,2I)|None)
-      -> act (NB,BM,I) in x's dtype
+  gemm1(problem, config, target, x (T,H), aligned, gate_up_proj (E,UI,H), gate_up_bias (E,UI)|None)
+      -> act (NB,BM,I) in x's dtype; U = 2 when problem["gated"] (rows [gate | up]), else 1 (up only)
   gemm2(problem, config, target, act (NB,BM,I), aligned, down_proj (E,H,I), down_bias (E,H)|None)
       -> out (T,H) in act's dtype
 

@@ -5,7 +5,8 @@ shared expert) through model.MoE, which is nothing but them wired together, and 
 ir/program.py (route = router_logits + select_experts, align, gemm1, gemm2) directly, op by op. Clarity beats
 speed here: the experts run in a plain loop over E, the lowered GEMMs in a loop over blocks.
 
-Legend: T tokens, H hidden, I intermediate, E experts, K top-k, Is shared intermediate.
+Legend: T tokens, H hidden, I intermediate, E experts, K top-k, Is shared intermediate, U = 2 for gated
+experts (gate_up rows [gate | up]) and 1 for non-gated ones (cfg.gated; gate_up holds the up projection only).
 Numerics: router logits and scores are computed in fp32 whatever the activations' dtype (as HF's
 DeepSeek/Qwen routers do); expert outputs are weighted and summed in fp32, then cast to the input dtype.
 """
@@ -49,7 +50,7 @@ def select_experts(
     if cfg.router in ("softmax", "sigmoid"):
         scores = logits.softmax(dim=-1) if cfg.router == "softmax" else logits.sigmoid()
         choice = scores if correction_bias is None else scores + correction_bias.float()
-    else:  # topk_softmax / topk_sigmoid choose on the raw logits
+    else:  # topk_softmax / topk_sigmoid / topk_hard choose on the raw logits
         scores = choice = logits
     if cfg.n_group > 1:
         choice = choice.masked_fill(~_group_mask(choice, cfg), float("-inf"))
@@ -59,11 +60,28 @@ def select_experts(
         weights = chosen.softmax(dim=-1)
     elif cfg.router == "topk_sigmoid":
         weights = chosen.sigmoid()
+    elif cfg.router == "topk_hard":  # unweighted selection: each chosen expert counts fully
+        weights = torch.ones_like(chosen)
     else:
         weights = chosen
     if cfg.norm_topk_prob:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     return weights * cfg.routed_scaling_factor, ids
+
+
+_ACTS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+def plain_act(v: torch.Tensor, kind: str) -> torch.Tensor:
+    """act(v), elementwise: the activation of non-gated experts (any kind but swiglu_oai)."""
+    if kind not in _ACTS:
+        raise ValueError(f"activation {kind!r} has no non-gated form; one of {', '.join(_ACTS)}")
+    return _ACTS[kind](v)
 
 
 def gated_act(gate: torch.Tensor, up: torch.Tensor, kind: str, alpha: float = 0.0, limit: float = 0.0):
@@ -72,30 +90,26 @@ def gated_act(gate: torch.Tensor, up: torch.Tensor, kind: str, alpha: float = 0.
         gate = gate.clamp(max=limit)
         up = up.clamp(min=-limit, max=limit)
         return (up + 1) * (gate * torch.sigmoid(gate * alpha))
-    act = {
-        "silu": F.silu,
-        "gelu": F.gelu,
-        "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"),
-        "relu": F.relu,
-    }[kind]
-    return act(gate) * up
+    return plain_act(gate, kind) * up
 
 
 def activation(gate_up: torch.Tensor, cfg: MoEConfig) -> torch.Tensor:
-    """gate_up (..., 2I) laid out [gate | up] -> act(gate) * up (..., I)."""
+    """gate_up (..., UI) -> (..., I): act(gate) * up of [gate | up] when gated, else act(up)."""
+    if not cfg.gated:
+        return plain_act(gate_up, cfg.activation)
     gate, up = gate_up.chunk(2, dim=-1)
     return gated_act(gate, up, cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit)
 
 
 def expert_mlp(
     x: torch.Tensor,
-    gate_up_w: torch.Tensor,  # (2I, H)
+    gate_up_w: torch.Tensor,  # (UI, H)
     down_w: torch.Tensor,  # (H, I)
-    gate_up_b: torch.Tensor | None,  # (2I,)
+    gate_up_b: torch.Tensor | None,  # (UI,)
     down_b: torch.Tensor | None,  # (H,)
     cfg: MoEConfig,
 ) -> torch.Tensor:
-    """One gated MLP: x (N, H) -> (N, H)."""
+    """One expert MLP (gated or not, per cfg.gated): x (N, H) -> (N, H)."""
     return F.linear(activation(F.linear(x, gate_up_w, gate_up_b), cfg), down_w, down_b)
 
 
@@ -103,9 +117,9 @@ def routed_experts(
     x: torch.Tensor,  # (T, H)
     weights: torch.Tensor,  # (T, K) fp32
     ids: torch.Tensor,  # (T, K) int64
-    gate_up_proj: torch.Tensor,  # (E, 2I, H)
+    gate_up_proj: torch.Tensor,  # (E, UI, H)
     down_proj: torch.Tensor,  # (E, H, I)
-    gate_up_bias: torch.Tensor | None,  # (E, 2I)
+    gate_up_bias: torch.Tensor | None,  # (E, UI)
     down_bias: torch.Tensor | None,  # (E, H)
     cfg: MoEConfig,
 ) -> torch.Tensor:
@@ -133,12 +147,12 @@ def routed_experts(
 
 def shared_expert(
     x: torch.Tensor,  # (T, H)
-    gate_up_w: torch.Tensor,  # (2Is, H)
+    gate_up_w: torch.Tensor,  # (UIs, H)
     down_w: torch.Tensor,  # (H, Is)
     gate_w: torch.Tensor | None,  # (1, H): sigmoid gate on the output (Qwen2-MoE)
     cfg: MoEConfig,
 ) -> torch.Tensor:
-    """The always-on shared expert(s) -> (T, H). Uses the routed experts' activation."""
+    """The always-on shared expert(s) -> (T, H). Uses the routed experts' activation and gatedness."""
     y = expert_mlp(x, gate_up_w, down_w, None, None, cfg)
     if gate_w is not None:
         y = torch.sigmoid(F.linear(x, gate_w)) * y
@@ -178,10 +192,20 @@ def align(weights: torch.Tensor, ids: torch.Tensor, num_experts: int, block_m: i
     )
 
 
+def gemm1_act(pre: torch.Tensor, problem: Problem) -> torch.Tensor:
+    """gemm1's epilogue activation: pre (..., UI) fp32 -> (..., I), gated [gate | up] or not per the problem."""
+    if not problem["gated"]:
+        return plain_act(pre, problem["act"])
+    i = problem["I"]
+    return gated_act(pre[..., :i], pre[..., i:], problem["act"], problem["alpha"], problem["limit"])
+
+
 def gemm1(
     problem: Problem, x: torch.Tensor, al: Aligned, gate_up_proj: torch.Tensor, gate_up_bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """Per block: rows of x (scaled by their weight if w_in) @ gate_up_proj[e]^T + bias -> act. (NB, BM, I)."""
+    """Per block: rows of x (scaled by their weight if w_in) @ gate_up_proj[e]^T + bias -> act. (NB, BM, I).
+
+    gate_up_proj (E, UI, H), gate_up_bias (E, UI) | None; U = 2 when problem["gated"], else 1."""
     i = problem["I"]
     out = torch.empty(al.num_blocks, al.block_m, i, dtype=x.dtype)
     for b in range(al.num_blocks):
@@ -191,7 +215,7 @@ def gemm1(
             pre = pre * al.sorted_weight[b].unsqueeze(-1)
         if gate_up_bias is not None:
             pre = pre + gate_up_bias[e].float()
-        out[b] = gated_act(pre[:, :i], pre[:, i:], problem["act"], problem["alpha"], problem["limit"]).to(x.dtype)
+        out[b] = gemm1_act(pre, problem).to(x.dtype)
     return out
 
 

@@ -14,8 +14,16 @@ Router kinds (what `router` selects; the reference implementation is kernels/ref
                 plain scores of the chosen experts (DeepSeek-V3).
   topk_softmax  top-k on the raw logits, then softmax over those k (gpt-oss).
   topk_sigmoid  top-k on the raw logits, weight = sigmoid of the chosen logit (Llama 4).
+  topk_hard     top-k on the raw logits (router bias included), every chosen expert weighs 1.0: plain,
+                unweighted selection (a dense FFN distilled into experts). The generic steps still apply:
+                `norm_topk_prob` renormalises the K ones to 1/K each, `routed_scaling_factor` scales them; a
+                student that sums its experts like the dense FFN it came from sets norm_topk_prob=False.
 Any router can be group-limited (`n_group` > 1: keep the best `topk_group` groups of E/n_group experts,
 scored by `group_score`) and scaled (`routed_scaling_factor`).
+
+Experts are gated MLPs, act(x Wg^T + bg) * (x Wu^T + bu) then the down projection (`gated=True`, every
+published MoE), or plain MLPs act(x Wu^T + bu) then down (`gated=False`: BERT-style FFNs and students
+distilled from them; any activation but swiglu_oai, which needs a gate).
 """
 
 from __future__ import annotations
@@ -26,8 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROUTERS = ("softmax", "sigmoid", "topk_softmax", "topk_sigmoid")
+ROUTERS = ("softmax", "sigmoid", "topk_softmax", "topk_sigmoid", "topk_hard")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swiglu_oai")
+NON_GATED_ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")  # swiglu_oai clamps a gate and an up half
 GROUP_SCORES = ("max", "top2_sum")
 DTYPES = ("float32", "bfloat16", "float16")
 _DTYPE_ALIASES = {
@@ -54,7 +63,7 @@ def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
 
 @dataclass(frozen=True)
 class MoEConfig:
-    """One MoE layer: routed experts (gated MLPs), a router, optional shared experts."""
+    """One MoE layer: routed experts (gated or plain MLPs), a router, optional shared experts."""
 
     hidden_size: int  # H
     intermediate_size: int  # I, per routed expert
@@ -69,6 +78,7 @@ class MoEConfig:
     router_bias: bool = False  # gpt-oss: the router linear has a bias
     score_correction_bias: bool = False  # DeepSeek-V3: a per-expert bias used for the choice only
     apply_router_weight_on_input: bool = False  # Llama 4: scale the expert's input, not its output
+    gated: bool = True  # experts (shared ones too) compute act(gate) * up; False: act(up) alone (BERT FFN)
     activation: str = "silu"  # act(gate) * up; swiglu_oai is gpt-oss's clamped variant
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
@@ -89,6 +99,13 @@ class MoEConfig:
         _check_int("shared_intermediate_size", self.shared_intermediate_size, 0)
         _check_choice("router", self.router, ROUTERS)
         _check_choice("activation", self.activation, ACTIVATIONS)
+        if not isinstance(self.gated, bool):
+            raise ValueError(f"MoEConfig.gated must be a bool, got {self.gated!r}")
+        if not self.gated and self.activation not in NON_GATED_ACTIVATIONS:
+            raise ValueError(
+                f"MoEConfig.activation must be one of {', '.join(NON_GATED_ACTIVATIONS)} for non-gated experts "
+                f"(gated=False); got {self.activation!r}"
+            )
         _check_choice("group_score", self.group_score, GROUP_SCORES)
         if self.top_k > self.num_experts:
             raise ValueError(f"MoEConfig.top_k must be <= num_experts ({self.num_experts}), got {self.top_k}")
@@ -128,11 +145,16 @@ class MoEConfig:
 
         return getattr(torch, self.dtype)
 
+    @property
+    def up_factor(self) -> int:
+        """Rows of gate_up_proj per intermediate neuron: 2 (gate and up) when gated, else 1 (up only)."""
+        return 2 if self.gated else 1
+
     def flops_per_token(self) -> int:
         """Multiply-adds x2 of one token through the layer (router + K experts + shared)."""
-        h, i = self.hidden_size, self.intermediate_size
-        routed = self.top_k * (2 * h * 2 * i + 2 * i * h)
-        shared = 2 * h * 2 * self.shared_size + 2 * self.shared_size * h + (2 * h if self.shared_expert_gate else 0)
+        h, i, u, s = self.hidden_size, self.intermediate_size, self.up_factor, self.shared_size
+        routed = self.top_k * (2 * h * u * i + 2 * i * h)
+        shared = 2 * h * u * s + 2 * s * h + (2 * h if self.shared_expert_gate else 0)
         return 2 * h * self.num_experts + routed + shared
 
     # ---- construction / serialisation ----------------------------------------------------------------

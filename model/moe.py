@@ -4,17 +4,19 @@ It owns the parameters and wires the reference ops of kernels/reference.py toget
 kernel, test and benchmark compares against, and the one TunedMoE mirrors (same state_dict keys).
 
 Legend: T tokens, H hidden, I intermediate, E experts, K top-k, Is shared intermediate.
-Parameters (state_dict keys):
+Parameters (state_dict keys), U = 2 for gated experts (cfg.gated, the default), U = 1 for non-gated ones:
   router.weight                   (E, H)
   router.bias                     (E,)      router_bias (gpt-oss)
   router.e_score_correction_bias  (E,)      score_correction_bias (DeepSeek-V3), a buffer
-  experts.gate_up_proj            (E, 2I, H) rows laid out [gate | up]
+  experts.gate_up_proj            (E, UI, H) gated: rows laid out [gate | up]; non-gated: the up projection
   experts.down_proj               (E, H, I)
-  experts.gate_up_bias            (E, 2I)   expert_bias (gpt-oss)
+  experts.gate_up_bias            (E, UI)   expert_bias (gpt-oss; a distilled BERT FFN's b1)
   experts.down_bias               (E, H)    expert_bias
-  shared_expert.gate_up_proj      (2Is, H)  num_shared_experts > 0
+  shared_expert.gate_up_proj      (UIs, H)  num_shared_experts > 0; gated like the routed experts
   shared_expert.down_proj         (H, Is)
   shared_expert.gate_weight       (1, H)    shared_expert_gate (Qwen2-MoE)
+A non-gated config keeps the name gate_up_proj for its (up-only) projection, so one code path and one
+state_dict layout serve both kinds.
 """
 
 from __future__ import annotations
@@ -49,9 +51,10 @@ class Experts(nn.Module):
     def __init__(self, cfg: MoEConfig):
         super().__init__()
         e, h, i, dt = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size, cfg.torch_dtype
-        self.gate_up_proj = _param(e, 2 * i, h, dtype=dt, fan_in=h)
+        u = cfg.up_factor
+        self.gate_up_proj = _param(e, u * i, h, dtype=dt, fan_in=h)
         self.down_proj = _param(e, h, i, dtype=dt, fan_in=i)
-        self.gate_up_bias = _param(e, 2 * i, dtype=dt, fan_in=h) if cfg.expert_bias else None
+        self.gate_up_bias = _param(e, u * i, dtype=dt, fan_in=h) if cfg.expert_bias else None
         self.down_bias = _param(e, h, dtype=dt, fan_in=i) if cfg.expert_bias else None
 
 
@@ -59,7 +62,7 @@ class SharedExpert(nn.Module):
     def __init__(self, cfg: MoEConfig):
         super().__init__()
         h, s, dt = cfg.hidden_size, cfg.shared_size, cfg.torch_dtype
-        self.gate_up_proj = _param(2 * s, h, dtype=dt, fan_in=h)
+        self.gate_up_proj = _param(cfg.up_factor * s, h, dtype=dt, fan_in=h)
         self.down_proj = _param(h, s, dtype=dt, fan_in=s)
         self.gate_weight = _param(1, h, dtype=dt, fan_in=h) if cfg.shared_expert_gate else None
 
@@ -103,4 +106,5 @@ class MoE(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.cfg
-        return f"H={c.hidden_size}, I={c.intermediate_size}, E={c.num_experts}, K={c.top_k}, router={c.router}"
+        shape = f"H={c.hidden_size}, I={c.intermediate_size}, E={c.num_experts}, K={c.top_k}"
+        return f"{shape}, router={c.router}" + ("" if c.gated else ", gated=False")

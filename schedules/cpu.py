@@ -3,10 +3,10 @@
 Legend: T tokens, H hidden, I intermediate, E experts, BM rows per block, NB blocks.
 
 GEMM template (router logits, gemm1, gemm2). The output is tiled per block as (mt rows) x (nt columns); the
-fp32 accumulator tile of that (for gemm1 2*nt wide: gate and up columns side by side) lives in registers
-("local"), is computed over the whole reduction with the reduction loop outermost, unrolled by kt, and its
-columns are vectorised (the packed weight layout makes them contiguous). The parallel loop is the blocks,
-or blocks x column panels.
+fp32 accumulator tile of that (for a gated gemm1 2*nt wide: gate and up columns side by side; nt wide for a
+non-gated one) lives in registers ("local"), is computed over the whole reduction with the reduction loop
+outermost, unrolled by kt, and its columns are vectorised (the packed weight layout makes them contiguous).
+The parallel loop is the blocks, or blocks x column panels.
   nt   panel width = vectorised columns; also the packed weight layout (a multiple of the SIMD lanes)
   mt   rows per register tile; a divisor of BM (BM is static, so no predicate: see ir/tvm_ir.py)
   kt   reduction unroll; divides the reduction length so the innermost loop has no bounds check
@@ -58,8 +58,8 @@ def simd(target: Target) -> tuple[int, int]:
 
 def _gemm_dims(problem: Problem) -> tuple[int, int, int, int]:
     """(output width N, reduction length, BM, accumulator tiles) of a GEMM-like op."""
-    if problem.op == "gemm1":
-        return problem["I"], problem["H"], problem["BM"], 2
+    if problem.op == "gemm1":  # gated: gate and up accumulator tiles; non-gated: the up tile alone
+        return problem["I"], problem["H"], problem["BM"], 2 if problem["gated"] else 1
     if problem.op == "gemm2":
         return problem["H"], problem["I"], problem["BM"], 1
     return problem["E"], problem["H"], 1, 1  # route logits

@@ -17,7 +17,7 @@ BASE = {"hidden_size": 64, "intermediate_size": 32, "num_experts": 8, "top_k": 2
         ({"intermediate_size": -3}, r"intermediate_size must be an integer >= 1"),
         ({"num_experts": 2.5}, r"num_experts must be an integer"),
         ({"top_k": True}, r"top_k must be an integer"),
-        ({"router": "noisy"}, r"router must be one of softmax, sigmoid, topk_softmax, topk_sigmoid"),
+        ({"router": "noisy"}, r"router must be one of softmax, sigmoid, topk_softmax, topk_sigmoid, topk_hard"),
         ({"activation": "tanh"}, r"activation must be one of silu, gelu, gelu_tanh, relu, swiglu_oai"),
         ({"dtype": "int8"}, r"dtype must be one of float32, bfloat16, float16"),
         ({"group_score": "mean"}, r"group_score must be one of max, top2_sum"),
@@ -28,6 +28,11 @@ BASE = {"hidden_size": 64, "intermediate_size": 32, "num_experts": 8, "top_k": 2
         ({"num_shared_experts": 1}, r"num_shared_experts and shared_intermediate_size"),
         ({"shared_expert_gate": True}, r"shared_expert_gate needs num_shared_experts > 0"),
         ({"activation": "swiglu_oai", "swiglu_limit": -1.0}, r"swiglu_alpha and swiglu_limit must be > 0"),
+        (  # swiglu_oai clamps a gate and an up half: it has no non-gated form
+            {"gated": False, "activation": "swiglu_oai"},
+            r"activation must be one of gelu, gelu_tanh, relu, silu for non-gated experts \(gated=False\)",
+        ),
+        ({"gated": 0}, r"gated must be a bool"),
     ],
 )
 def test_impossible_config_names_the_field(changes, message):
@@ -47,6 +52,18 @@ def test_dict_and_json_roundtrip(tmp_path):
     assert MoEConfig.from_json(tmp_path / "moe.json") == cfg
     with pytest.raises(ValueError, match="no field"):
         MoEConfig.from_dict({**BASE, "num_expert": 3})
+
+
+def test_gated_defaults_and_roundtrip(tmp_path):
+    assert MoEConfig(**BASE).gated is True
+    assert MoEConfig.from_dict(dict(BASE)).gated is True  # dicts written before the field existed: gated
+    student = MoEConfig(**BASE, gated=False, router="topk_hard", activation="gelu", expert_bias=True)
+    assert student.to_dict()["gated"] is False
+    assert MoEConfig.from_dict(student.to_dict()) == student
+    student.to_json(tmp_path / "student.json")
+    assert MoEConfig.from_json(tmp_path / "student.json") == student
+    for act in ("gelu", "gelu_tanh", "relu", "silu"):
+        assert MoEConfig(**BASE, gated=False, activation=act).activation == act
 
 
 EXPECTED_PRESETS = {
@@ -99,3 +116,12 @@ def test_flops_per_token_counts_router_experts_and_shared():
     cfg = MoEConfig(**BASE)
     h, i, e, k = 64, 32, 8, 2
     assert cfg.flops_per_token() == 2 * h * e + k * (2 * h * 2 * i + 2 * i * h)
+    shared = {"num_shared_experts": 2, "shared_intermediate_size": 8, "shared_expert_gate": True}
+    s = 16
+    assert MoEConfig(**BASE, **shared).flops_per_token() == (
+        2 * h * e + k * (2 * h * 2 * i + 2 * i * h) + 2 * h * 2 * s + 2 * s * h + 2 * h
+    )
+    # non-gated experts (shared ones too) project to I (not 2I) columns before the activation
+    assert MoEConfig(**BASE, **shared, gated=False, activation="gelu").flops_per_token() == (
+        2 * h * e + k * (2 * h * i + 2 * i * h) + 2 * h * s + 2 * s * h + 2 * h
+    )

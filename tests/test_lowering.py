@@ -34,13 +34,27 @@ def test_program_ops_in_order():
 def test_signatures_are_canonical():
     program = lower(MoEConfig.preset("qwen3-30b-a3b"), 256)
     assert program.op("experts.gemm1").signature == (
-        "gemm1[H=2048,I=768,E=128,BM=8,act=silu,alpha=0.0,limit=0.0,bias=0,w_in=0]:bfloat16"
+        "gemm1[H=2048,I=768,E=128,BM=8,gated=1,act=silu,alpha=0.0,limit=0.0,bias=0,w_in=0]:bfloat16"
     )
     assert program.op("align").signature == "align[E=128,K=8,BM=8]:int32"
     assert lower(MoEConfig.preset("qwen3-30b-a3b"), 200).op("experts.gemm1") == program.op("experts.gemm1")
     # Llama 4 applies the routing weight to the input rows, so gemm2 does not weight its output
     llama = lower(MoEConfig.preset("llama4-scout"), 1)
     assert llama.op("experts.gemm1")["w_in"] and not llama.op("experts.gemm2")["w_out"]
+
+
+def test_gatedness_and_router_kind_are_in_the_signatures():
+    """Gated and non-gated gemm1 kernels compute different things: they must never share a DB key."""
+    base = MoEConfig(hidden_size=64, intermediate_size=32, num_experts=8, top_k=2, activation="gelu", expert_bias=True)
+    student = base.replace(gated=False, router="topk_hard", num_shared_experts=1, shared_intermediate_size=16)
+    gated, plain = lower(base, 16), lower(student, 16)
+    assert plain.op("experts.gemm1").signature == (
+        "gemm1[H=64,I=32,E=8,BM=2,gated=0,act=gelu,alpha=0.0,limit=0.0,bias=1,w_in=0]:float32"
+    )
+    assert gated.op("experts.gemm1").signature == plain.op("experts.gemm1").signature.replace("gated=0", "gated=1")
+    assert not plain.op("shared.gemm1")["gated"]  # the shared expert follows the routed experts
+    assert plain.op("route")["router"] == "topk_hard" and "router=topk_hard" in plain.op("route").signature
+    assert gated.op("experts.gemm2") == plain.op("experts.gemm2")  # gemm2 reads act (I columns) either way
 
 
 def test_problem_validation():
@@ -86,6 +100,18 @@ def test_space_is_data_with_named_constraints():
     assert space.violations({**feasible[0], "nt": 7}) == ["nt=7 not in (8, 16, 32, 64)"]
     with pytest.raises(ValueError, match="infeasible point"):
         cpu.scheduled_module(problem, {**feasible[0], "mt": 3}, target)
+
+
+def test_non_gated_gemm1_keeps_one_accumulator_tile():
+    """A gated tile holds gate and up accumulators (2 x mt x nt), a non-gated one only up: bigger tiles fit."""
+    target = resolve_target("cpu")
+    cfg = MoEConfig(hidden_size=64, intermediate_size=64, num_experts=8, top_k=2, activation="gelu")
+    gated = cpu.space(lower(cfg, 256).op("experts.gemm1"), target)
+    plain = cpu.space(lower(cfg.replace(gated=False), 256).op("experts.gemm1"), target)
+    assert all(plain.is_feasible(p) for p in gated.points())
+    only_plain = [p for p in plain.points() if not gated.is_feasible(p)]
+    assert only_plain  # e.g. on AVX2 mt=8 x nt=8: 8 accumulator vectors fit the 12 free registers, 16 do not
+    assert all(all("registers" in v for v in gated.violations(p)) for p in only_plain)
 
 
 _BUILD = """

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import rel_err
 
 from moetune.kernels import reference as ref
@@ -49,6 +50,14 @@ def test_state_dict_keys_and_shapes():
         "shared_expert.gate_weight": (1, 32),
     }
 
+    plain = {k: tuple(v.shape) for k, v in MoE(cfg.replace(gated=False, activation="gelu")).state_dict().items()}
+    assert plain == {  # non-gated: the same keys, gate_up_* hold the up projection alone (I rows, not 2I)
+        **shapes,
+        "experts.gate_up_proj": (6, 24, 32),
+        "experts.gate_up_bias": (6, 24),
+        "shared_expert.gate_up_proj": (16, 32),
+    }
+
 
 def _dense_mixture(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     """Every expert on every token, weighted by a dense (T, E) weight matrix: an independent formulation."""
@@ -72,7 +81,7 @@ def test_sparse_loop_equals_dense_mixture():
         assert rel_err(moe(x), _dense_mixture(moe, x)) < 1e-5
 
 
-@pytest.mark.parametrize("router", ["softmax", "sigmoid", "topk_softmax", "topk_sigmoid"])
+@pytest.mark.parametrize("router", ["softmax", "sigmoid", "topk_softmax", "topk_sigmoid", "topk_hard"])
 def test_router_weights(router):
     cfg = MoEConfig(
         **{**SMALL, "top_k": 3}, router=router, norm_topk_prob=router == "softmax", routed_scaling_factor=2.0
@@ -84,7 +93,11 @@ def test_router_weights(router):
         torch.testing.assert_close(w.sum(-1), torch.full((5,), 2.0))
     if router == "topk_softmax":
         torch.testing.assert_close(w.sum(-1), torch.full((5,), 2.0))
-    if router in ("topk_softmax", "topk_sigmoid"):  # chosen on logits: the k largest logits
+    if router == "topk_hard":  # unweighted selection: every chosen expert weighs 1, then scaled
+        torch.testing.assert_close(w, torch.full((5, 3), 2.0))
+        normed, _ = ref.select_experts(logits, cfg.replace(norm_topk_prob=True))
+        torch.testing.assert_close(normed, torch.full((5, 3), 2.0 / 3))  # norm_topk_prob: 1/K each
+    if router in ("topk_softmax", "topk_sigmoid", "topk_hard"):  # chosen on logits: the k largest logits
         torch.testing.assert_close(logits.gather(1, ids).sort(-1).values, logits.topk(3).values.sort(-1).values)
 
 
@@ -110,3 +123,37 @@ def test_correction_bias_changes_the_choice_not_the_weight():
     w, ids = ref.select_experts(logits, cfg, torch.tensor([0.0, 0.0, 0.0, 5.0]))
     assert ids.item() == 3
     torch.testing.assert_close(w, torch.sigmoid(torch.tensor([[-1.0]])))
+
+
+def test_non_gated_topk_hard_with_every_expert_is_the_dense_ffn():
+    """What distilling a BERT FFN into experts relies on: split its I*E neurons into E experts of I, route
+    every token to all of them with weight 1 (topk_hard, K = E, no renormalisation), give each expert its
+    slice of b1 and b2 / E, and the MoE is the dense gelu(x W1^T + b1) W2^T + b2."""
+    h, i, e = 48, 16, 6
+    cfg = MoEConfig(
+        hidden_size=h,
+        intermediate_size=i,
+        num_experts=e,
+        top_k=e,
+        router="topk_hard",
+        norm_topk_prob=False,
+        gated=False,
+        activation="gelu",
+        expert_bias=True,
+    )
+    w1, b1 = torch.randn(e * i, h) / h**0.5, torch.randn(e * i)  # (EI, H), (EI,)
+    w2, b2 = torch.randn(h, e * i) / (e * i) ** 0.5, torch.randn(h)  # (H, EI), (H,)
+    moe = MoE(cfg)
+    moe.load_state_dict(
+        {
+            **moe.state_dict(),
+            "experts.gate_up_proj": w1.view(e, i, h),  # expert e owns neurons e*I .. (e+1)*I - 1
+            "experts.gate_up_bias": b1.view(e, i),
+            "experts.down_proj": w2.view(h, e, i).transpose(0, 1),  # (E, H, I): the matching columns of W2
+            "experts.down_bias": (b2 / e).expand(e, h),
+        }
+    )
+    x = torch.randn(2, 7, h)
+    dense = F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
+    with torch.no_grad():
+        assert rel_err(moe(x), dense) <= 1e-5

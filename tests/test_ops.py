@@ -35,6 +35,7 @@ from moetune.schedules import cpu
 BACKENDS = ("torch", "tvm")
 DTYPES = ("float32", "bfloat16")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swiglu_oai")
+NON_GATED_ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 ALIGNED_FIELDS = ("sorted_token", "sorted_weight", "sorted_slot", "block_expert", "inverse", "counts", "offsets")
 FP32_TOL = 1e-5
 # bf16 floor: storing the exact result in bf16 alone costs up to half an ulp, 2^-9 relative, per element (so
@@ -185,6 +186,41 @@ _ROUTE = [
         2,
         True,
     ),
+    (  # unweighted selection (a distilled dense FFN): every chosen expert weighs 1.0; router bias in the choice
+        "topk_hard-router_bias-T=1",
+        {"num_experts": 8, "top_k": 2, "router": "topk_hard", "router_bias": True, "norm_topk_prob": False},
+        1,
+        None,
+        True,
+    ),
+    (  # norm makes every weight 1/K, then scaled; group-limited choice on the raw logits
+        "topk_hard-norm-scaled-group",
+        {
+            "num_experts": 12,
+            "top_k": 3,
+            "router": "topk_hard",
+            "routed_scaling_factor": 2.5,
+            "n_group": 4,
+            "topk_group": 2,
+        },
+        33,
+        None,
+        False,
+    ),
+    (
+        "topk_hard-top_k=E",
+        {"num_experts": 5, "top_k": 5, "router": "topk_hard", "norm_topk_prob": False},
+        13,
+        None,
+        False,
+    ),
+    (
+        "topk_hard-one-expert-wins-router_bias",
+        {"num_experts": 13, "top_k": 2, "router": "topk_hard", "router_bias": True, "norm_topk_prob": False},
+        40,
+        11,
+        False,
+    ),
 ]
 ROUTE_CASES = [
     pytest.param(overrides, t, boost, dtype, id=f"{name}-{dtype}")
@@ -262,9 +298,10 @@ GEMM_SHAPES = [
 VARIANT_SHAPE = (13, 3, 7, 37, 29, 4, None)  # odd H, I and a prime E: no size is a tile multiple
 
 
-def _gemm1_problem(dtype, h, i, e, bm, act, bias, w_in):
+def _gemm1_problem(dtype, h, i, e, bm, act, bias, w_in, gated=True):
     alpha, limit = (1.702, 7.0) if act == "swiglu_oai" else (0.0, 0.0)  # as ir.lower sets them
-    return Problem.make("gemm1", dtype, H=h, I=i, E=e, BM=bm, act=act, alpha=alpha, limit=limit, bias=bias, w_in=w_in)
+    dims = {"H": h, "I": i, "E": e, "BM": bm, "gated": gated, "act": act, "alpha": alpha, "limit": limit}
+    return Problem.make("gemm1", dtype, **dims, bias=bias, w_in=w_in)
 
 
 def _torch_bf16_gemm1(problem, x, al, gate_up_proj, gate_up_bias):
@@ -275,19 +312,20 @@ def _torch_bf16_gemm1(problem, x, al, gate_up_proj, gate_up_bias):
         pre = pre * al.sorted_weight.unsqueeze(-1).to(pre.dtype)
     if gate_up_bias is not None:
         pre = pre + gate_up_bias[al.block_expert.long()].unsqueeze(1)
-    i = problem["I"]
-    return ref.gated_act(pre[..., :i], pre[..., i:], problem["act"], problem["alpha"], problem["limit"])
+    return ref.gemm1_act(pre, problem)
 
 
-def _check_gemm1(backend, dtype, shape, act, bias, w_in, target):
+def _check_gemm1(backend, dtype, shape, act, bias, w_in, target, gated=True):
     t, k, e, h, i, bm, pool = shape
-    problem = _gemm1_problem(dtype, h, i, e, bm, act, bias, w_in)
+    problem = _gemm1_problem(dtype, h, i, e, bm, act, bias, w_in, gated)
     dt = getattr(torch, dtype)
     al = ref.align(_routing_weights(t, k), _ids(t, k, e, pool), e, bm)
     # Scale 3: pre-activations ~ N(0, 9), so swiglu_oai's clamp at 7 is hit (and relu's kink is crossed).
+    # gate_up rows: [gate | up] (2I) when gated, the up projection alone (I) when not.
     x = torch.randn(t, h).to(dt)
-    w = (3 * torch.randn(e, 2 * i, h) / h**0.5).to(dt)
-    b = torch.randn(e, 2 * i).to(dt) if bias else None
+    u = 2 if gated else 1
+    w = (3 * torch.randn(e, u * i, h) / h**0.5).to(dt)
+    b = torch.randn(e, u * i).to(dt) if bias else None
 
     got = _launch("gemm1", backend, problem, target, x, al, w, b)
 
@@ -303,31 +341,40 @@ def _check_gemm1(backend, dtype, shape, act, bias, w_in, target):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", GEMM_SHAPES)
-def test_gemm1_shapes(shape, backend, dtype, target, poison):
-    _check_gemm1(backend, dtype, shape, "silu", False, False, target)
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "non-gated"])
+def test_gemm1_shapes(gated, shape, backend, dtype, target, poison):
+    # non-gated experts (plain P-wide panels, one accumulator) run a BERT FFN's gelu; gated ones silu
+    _check_gemm1(backend, dtype, shape, "silu" if gated else "gelu", False, False, target, gated)
 
 
-# (act, bias, w_in, dtype), pairwise covering: in fp32 every activation runs with bias and w_in both off and
-# both on, and silu also with each alone; in bf16 every activation with both on (both off in bf16 is
-# test_gemm1_shapes). Activation and bias / w_in are independent stages of the kernel; each case is a compile.
+# (act, bias, w_in, dtype, gated), pairwise covering: gated, in fp32 every activation runs with bias and w_in
+# both off and both on, and silu also with each alone; in bf16 every activation with both on (both off in bf16
+# is test_gemm1_shapes). Non-gated (a distilled BERT FFN: gelu, with its b1 as bias): gelu with and without
+# bias in both dtypes, with w_in once, and every other non-gated activation with bias. Activation and bias /
+# w_in are independent stages of the kernel; each case is a compile.
 GEMM1_VARIANTS = [
-    *((act, on, on, "float32") for act in ACTIVATIONS for on in (False, True)),
-    ("silu", True, False, "float32"),
-    ("silu", False, True, "float32"),
-    *((act, True, True, "bfloat16") for act in ACTIVATIONS),
+    *((act, on, on, "float32", True) for act in ACTIVATIONS for on in (False, True)),
+    ("silu", True, False, "float32", True),
+    ("silu", False, True, "float32", True),
+    *((act, True, True, "bfloat16", True) for act in ACTIVATIONS),
+    *(("gelu", bias, False, dtype, False) for dtype in DTYPES for bias in (False, True)),
+    ("gelu", True, True, "float32", False),
+    *((act, True, False, "float32", False) for act in NON_GATED_ACTIVATIONS if act != "gelu"),
 ]
+
+
+def _variant_id(act, bias, w_in, dtype, gated):
+    return "-".join(
+        (act, "bias" if bias else "no-bias", "w_in" if w_in else "w_out", dtype, "gated" if gated else "non-gated")
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
-    ("act", "bias", "w_in", "dtype"),
-    [
-        pytest.param(*v, id=f"{v[0]}-{'bias' if v[1] else 'no-bias'}-{'w_in' if v[2] else 'w_out'}-{v[3]}")
-        for v in GEMM1_VARIANTS
-    ],
+    ("act", "bias", "w_in", "dtype", "gated"), [pytest.param(*v, id=_variant_id(*v)) for v in GEMM1_VARIANTS]
 )
-def test_gemm1_variants(act, bias, w_in, dtype, backend, target, poison):
-    _check_gemm1(backend, dtype, VARIANT_SHAPE, act, bias, w_in, target)
+def test_gemm1_variants(act, bias, w_in, dtype, gated, backend, target, poison):
+    _check_gemm1(backend, dtype, VARIANT_SHAPE, act, bias, w_in, target, gated)
 
 
 def _torch_bf16_gemm2(problem, act, al, down_proj, down_bias):
@@ -410,6 +457,18 @@ DEFAULT_POINT_CONFIGS = [
     *(MoEConfig.preset(name) for name in MoEConfig.presets()),
     MoEConfig(hidden_size=37, intermediate_size=29, num_experts=13, top_k=13, activation="swiglu_oai"),
     MoEConfig(hidden_size=5, intermediate_size=3, num_experts=1, top_k=1, expert_bias=True),
+    MoEConfig(  # BERT-base FFN (3072 neurons) distilled into 8 non-gated experts, plus a non-gated shared one
+        hidden_size=768,
+        intermediate_size=384,
+        num_experts=8,
+        top_k=2,
+        router="topk_hard",
+        gated=False,
+        activation="gelu",
+        expert_bias=True,
+        num_shared_experts=1,
+        shared_intermediate_size=384,
+    ),
     MoEConfig(
         hidden_size=24,
         intermediate_size=8,

@@ -44,6 +44,42 @@ def test_tuned_equals_reference_fp32(name, backend):
         assert rel_err(got, want) <= 1e-4, (name, backend, shape)
 
 
+DISTILLED = MoEConfig(  # a BERT FFN distilled into experts: plain MLPs, unweighted top-k selection
+    hidden_size=64,
+    intermediate_size=32,
+    num_experts=8,
+    top_k=2,
+    router="topk_hard",
+    norm_topk_prob=False,
+    gated=False,
+    activation="gelu",
+    expert_bias=True,
+)
+
+
+@pytest.mark.parametrize("backend", ["tvm", "torch"])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        pytest.param(DISTILLED, id="non-gated-topk_hard"),
+        pytest.param(  # the shared expert is non-gated too; router bias in the choice; weights renormalised
+            DISTILLED.replace(router_bias=True, norm_topk_prob=True, num_shared_experts=1, shared_intermediate_size=24),
+            id="non-gated-shared-router_bias-norm",
+        ),
+    ],
+)
+def test_tuned_non_gated_topk_hard_equals_reference(cfg, backend):
+    ref = reference_for(cfg)
+    tuned = TunedMoE.from_module(ref, backends=(backend,))
+    for t in (1, 5, 64):  # decode; a few tokens (blocks mostly padding); many blocks per expert
+        x = torch.randn(t, 64)
+        with torch.no_grad():
+            want = ref(x)
+        got = tuned(x)
+        assert got.shape == x.shape and got.dtype == x.dtype
+        assert rel_err(got, want) <= 1e-5, (backend, t)
+
+
 @pytest.mark.parametrize("name", ["qwen1.5-moe-a2.7b", "deepseek-v3", "gpt-oss-20b", "llama4-scout", "mixtral-8x7b"])
 def test_tuned_bf16_within_twice_torch_bf16_error(name):
     """bf16 kernels vs an fp32 reference: at most ~2x the error of the reference run in bf16 by torch."""

@@ -183,3 +183,46 @@ def test_patch_errors_and_moetune_modules():
     assert list(swapped) == ["0"] and isinstance(wrapper[0], TunedMoE)
     x = torch.randn(3, 16)
     assert rel_err(wrapper(x), moe(x)) < 1e-5
+
+
+def test_from_pretrained_with_moetune_and_db_records(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from moetune.autotune.db import KernelKey, KernelRecord, MemoryKernelDB, current_versions
+    from moetune.ir.program import lower
+    from moetune.kernels.registry import default_config
+    from moetune.kernels.target import resolve_target
+    from moetune.model.hf_block import hf_block_config
+
+    eager = _model("qwen3_moe", experts_implementation="eager")
+    eager.save_pretrained(tmp_path / "m")
+    cfg = hf_block_config(eager.model.layers[0].mlp)
+    host = resolve_target("cpu")
+    db = MemoryKernelDB()
+    for bucket in (8, 16):
+        op = lower(cfg, bucket).op("experts.gemm1")
+        point = default_config(op, "tvm", host).as_dict()
+        db.put(
+            KernelRecord(
+                KernelKey(host.name, op.signature, "float32", bucket),
+                current_versions(),
+                "tvm",
+                point,
+                1.0,
+                1.0,
+                1.0,
+                2.0,
+                3,
+            )
+        )
+    register_hf(db=db)
+    try:
+        tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "m", experts_implementation="moetune").eval()
+        want_ids, want_logits = _greedy(eager, PROMPT, steps=2)
+        got_ids, got_logits = _greedy(tuned, PROMPT, steps=2)
+    finally:
+        register_hf(db=False)
+    assert torch.equal(got_ids, want_ids) and rel_err(got_logits, want_logits) < 1e-4
+    runner = tuned.model.layers[0].mlp.experts.__dict__["_moetune"]
+    described = {d["op"]: d["source"] for d in runner.describe(16)}
+    assert described["experts.gemm1"] == "db:exact"

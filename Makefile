@@ -7,9 +7,23 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.moetune-installed
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup demo test lint clean
+.PHONY: setup sysdeps demo test lint clean
 
-setup: $(STAMP)
+setup: sysdeps $(STAMP)
+
+# Debian packages the tests and the distillation read (installed when missing, if we may):
+#   fortunes    real English text for distillation (model/text.py)
+#   postgresql  a throwaway cluster for the many-worker tests (skipped without it)
+sysdeps:
+	@missing=""; \
+	test -d /usr/share/games/fortunes || missing="$$missing fortunes"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian packages:$$missing"; \
+	    apt-get install -y -q $$missing >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q $$missing >/dev/null); \
+	  else echo "warning: missing Debian packages:$$missing (apt-get install$$missing)"; fi; \
+	fi
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,13 +32,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[hf,dev]"
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: sysdeps $(STAMP)
 	$(VENV)/bin/moetune targets
 	$(VENV)/bin/moetune tune --model qwen3-30b-a3b --dtype float32 --m 1,16,256 --trials 24 --time-budget 6m
 	$(VENV)/bin/moetune bench --preset qwen3-30b-a3b --tokens 1,16,256 --no-save
 
 # pytest exits 5 when it collects no tests; that is not a failure of the suite.
-test: $(STAMP)
+test: sysdeps $(STAMP)
 	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
 
 lint: $(STAMP)

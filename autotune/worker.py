@@ -53,6 +53,10 @@ class Result:
 # ---- parent side ---------------------------------------------------------------------------------------------------
 
 
+READY = '{"ready": true}'
+STARTUP_TIMEOUT_S = 300.0  # imports only (torch, TVM); a loaded machine can take tens of seconds
+
+
 class Worker:
     """A restartable worker subprocess; `run(task, timeout)` never raises for a candidate's failure."""
 
@@ -60,7 +64,10 @@ class Worker:
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
 
-    def _start(self) -> subprocess.Popen:
+    def _start(self, startup_timeout: float = STARTUP_TIMEOUT_S) -> subprocess.Popen | None:
+        """The running worker, or a fresh one that has finished its imports (they are not a trial's time)."""
+        import selectors
+
         if self.proc is None or self.proc.poll() is not None:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "moetune.autotune.worker"],
@@ -71,6 +78,12 @@ class Worker:
                 env=self.env,
                 start_new_session=True,
             )
+            with selectors.DefaultSelector() as sel:
+                sel.register(self.proc.stdout, selectors.EVENT_READ)
+                ready = sel.select(startup_timeout) and self.proc.stdout.readline().strip() == READY
+            if not ready:
+                self.kill()
+                return None
         return self.proc
 
     def run(self, task: Task, timeout: float) -> Result:
@@ -78,6 +91,8 @@ class Worker:
 
         proc = self._start()
         started = time.monotonic()
+        if proc is None:
+            return Result(False, f"crashed: the worker did not start within {STARTUP_TIMEOUT_S:.0f} s", seconds=0.0)
         try:
             proc.stdin.write(json.dumps(asdict(task)) + "\n")
             proc.stdin.flush()
@@ -128,6 +143,8 @@ def serve() -> None:
     os.dup2(2, 1)  # native prints go to stderr, never into the protocol
     from moetune.autotune.evaluate import evaluate
 
+    proto.write(READY + "\n")
+    proto.flush()
     for line in sys.stdin:
         if not line.strip():
             continue

@@ -1,4 +1,8 @@
-"""`moetune tune`: tune a model's MoE layer for a target, with a live view and a summary table."""
+"""`moetune tune`: tune a model's MoE layer for a target, with a live view and a summary table.
+
+`--target sm_90 --prepare` (also sm_80, sm_86, sm_89) compiles the Triton candidates ahead of time for that GPU
+architecture on this machine instead (autotune/prepare.py) and prints what is feasible there.
+"""
 
 from __future__ import annotations
 
@@ -103,7 +107,9 @@ class LiveView:
 def tune_command(
     model: Annotated[str | None, typer.Option("--model", "-p", help="Model preset (see `moetune presets`).")] = None,
     hf_config: Annotated[str | None, typer.Option(help="A Hugging Face config.json (or its directory).")] = None,
-    target: Annotated[str, typer.Option(help="'cpu' (the host) or 'llvm -mcpu=<cpu>'.")] = "cpu",
+    target: Annotated[
+        str, typer.Option(help="'cpu' (the host), 'llvm -mcpu=<cpu>', 'cuda', or a GPU arch: sm_80|sm_86|sm_89|sm_90.")
+    ] = "cpu",
     m: Annotated[
         str, typer.Option("--m", help="Comma-separated token counts (each tuned as its M bucket).")
     ] = "1,16,256",
@@ -130,6 +136,14 @@ def tune_command(
         int, typer.Option(min=1, help="Local worker processes sharing the studies (CPU: pinned to cores; one per GPU).")
     ] = 1,
     events: Annotated[bool, typer.Option(hidden=True, help="Print progress as JSON lines (for --workers).")] = False,
+    prepare: Annotated[
+        bool,
+        typer.Option(
+            "--prepare",
+            help="Compile every Triton candidate for --target sm_XX ahead of time (no GPU needed); report what fits.",
+        ),
+    ] = False,
+    jobs: Annotated[int | None, typer.Option(min=1, help="Compile processes for --prepare [default: cores].")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Tune every op of a model's MoE layer for a target; winners go into the kernel DB."""
@@ -140,6 +154,10 @@ def tune_command(
 
     cfg = _config(model, hf_config, dtype)
     ms = _parse_ints(m, "--m")
+    gpu_target = _gpu_target(target, prepare)
+    if prepare:
+        _prepare(cfg, gpu_target, ms, jobs, force, as_json)
+        return
     if sampler not in SAMPLERS:
         fail(f"unknown sampler {sampler!r}; available: {', '.join(SAMPLERS)}")
     budget = parse_duration(time_budget)
@@ -206,4 +224,65 @@ def tune_command(
     console.print(
         f"{report.model} on {report.target}: {report.trials} trials in {report.seconds:.0f} s; "
         f"geometric-mean speedup of the winners over the torch backend: {report.speedup_vs_torch():.2f}x"
+    )
+
+
+def _gpu_target(target: str, prepare: bool):
+    """The CUDA Target of --target, or None for a CPU; --prepare needs one, tuning on CUDA needs the GPU."""
+    from moetune.kernels.target import GPU_LIMITS, cuda_gpus, resolve_target
+
+    archs = ", ".join(GPU_LIMITS)
+    if prepare and not (target.startswith(("sm_", "cuda")) or target == "gpu"):
+        fail(f"--prepare compiles for a GPU architecture: give --target {archs.replace(', ', '|')}")
+    if not target.startswith(("sm_", "cuda")):
+        return None
+    try:
+        tgt = resolve_target(target)
+    except ValueError as exc:
+        fail(str(exc))
+    if not prepare and not cuda_gpus():
+        fail(f"tuning for {tgt.arch} needs that GPU here; on this machine use --prepare to compile for it ahead")
+    return tgt
+
+
+def _prepare(cfg, target, ms: list[int], jobs: int | None, force: bool, as_json: bool) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from moetune.autotune.prepare import prepare, summary_rows
+
+    progress = Progress(
+        TextColumn(f"compiling for {target.arch}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=as_json,
+    )
+    task = None
+
+    def on_event(event: dict[str, Any]) -> None:
+        nonlocal task
+        if event["kind"] == "start":
+            task = progress.add_task("compile", total=event["kernels"])
+        elif event["kind"] == "compiled" and task is not None:
+            progress.update(task, completed=event["done"])
+
+    try:
+        with progress:
+            report = prepare(cfg, target, ms, jobs=jobs, force=force, on_event=on_event)
+    except ValueError as exc:
+        fail(str(exc))
+    if as_json:
+        print_json(report.to_dict())
+        return
+    table = Table(title=f"moetune prepare: {report.model} ({report.dtype}) for {report.arch}, M={report.m}")
+    columns = ("op", "problems", "grid", "static pruned", "candidates", "kernels", "feasible", "pruned (why)", "s")
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("op", "kernels", "pruned (why)") else "right")
+    for row in summary_rows(report):
+        table.add_row(*row)
+    console.print(table)
+    console.print(
+        f"points = (problem, config) pairs; kernels = distinct compiles (GROUP_M and BM are launch arguments); "
+        f"results cached in {report.cache}; {report.seconds:.0f} s"
     )

@@ -25,6 +25,12 @@ its blocks, while big blocks cost padding (measured on the 2-core Zen3, Mixtral-
 BM=32 1578 ms, BM=8 1428 ms). BM is *not* a schedule parameter of the GEMMs: the align output (and so
 the kernel's grid) depends on it.
 
+BM on CUDA (`lower(cfg, T, target_kind="cuda")`): the same rule with BM in [16, 128] instead of [1, 8]. Tensor
+core tiles (tl.dot) need at least 16 rows, and on a GPU a padded row costs idle MMA lanes rather than a cache
+line, so blocks start at 16; the cap 128 is the largest BLOCK_M the Triton spaces offer (schedules/triton.py).
+The Triton GEMMs tile a block of BM rows with BLOCK_M rows (a tuned parameter, a divisor of BM, or 16 with the
+rows past BM masked when BM < 16), so they also run CPU-lowered programs (BM <= 8), only with more masked rows.
+
 Problem signatures (the kernel database keys on these; they are stable and documented):
   "<op>[<key>=<value>,...]:<dtype>"  with the keys in the fixed per-op order below, booleans as 0/1, floats
   with repr(); T is *not* part of a signature (it is the DB's M bucket), BM is (the kernel depends on it).
@@ -131,13 +137,23 @@ def m_bucket(m_tokens: int) -> int:
     return 1 << (m_tokens - 1).bit_length()
 
 
-def block_m_for(m_tokens: int, top_k: int, num_experts: int, cap: int = 8) -> int:
-    """BM: a power of two near half the mean rows per expert, in [1, cap] (see the module docstring)."""
+BM_RANGE = {"cpu": (1, 8), "cuda": (16, 128)}  # (floor, cap) of BM per target kind
+
+
+def block_m_for(m_tokens: int, top_k: int, num_experts: int, cap: int = 8, floor: int = 1) -> int:
+    """BM: a power of two near half the mean rows per expert, in [floor, cap] (see the module docstring)."""
     mean_rows = m_bucket(m_tokens) * top_k / num_experts
-    bm = 1
+    bm = floor
     while bm * 2 <= mean_rows / 2 and bm * 2 <= cap:
         bm *= 2
     return bm
+
+
+def _block_m(m_tokens: int, top_k: int, num_experts: int, target_kind: str) -> int:
+    if target_kind not in BM_RANGE:
+        raise ValueError(f"unknown target kind {target_kind!r}; known: {', '.join(BM_RANGE)}")
+    floor, cap = BM_RANGE[target_kind]
+    return block_m_for(m_tokens, top_k, num_experts, cap=cap, floor=floor)
 
 
 def _gemm_problems(
@@ -151,10 +167,10 @@ def _gemm_problems(
     return ProgramOp(f"{prefix}.gemm1", g1), ProgramOp(f"{prefix}.gemm2", g2)
 
 
-def lower(cfg: MoEConfig, m_tokens: int) -> MoEProgram:
-    """The MoEProgram of one layer of `cfg` for a batch of `m_tokens` tokens (T)."""
+def lower(cfg: MoEConfig, m_tokens: int, target_kind: str = "cpu") -> MoEProgram:
+    """The MoEProgram of one layer of `cfg` for a batch of `m_tokens` tokens (T); BM per `target_kind`."""
     bucket = m_bucket(m_tokens)
-    bm = block_m_for(m_tokens, cfg.top_k, cfg.num_experts)
+    bm = _block_m(m_tokens, cfg.top_k, cfg.num_experts, target_kind)
     route = Problem.make(
         "route",
         cfg.dtype,
@@ -187,7 +203,7 @@ def lower(cfg: MoEConfig, m_tokens: int) -> MoEProgram:
         # The shared expert is the same pipeline with E = K = 1: every token is one row of expert 0. Its
         # optional sigmoid gate is a route with one expert (topk_sigmoid: weight = sigmoid(x . g)), applied
         # to the output rows; without a gate the rows' weight is 1.
-        sbm = block_m_for(m_tokens, 1, 1)
+        sbm = _block_m(m_tokens, 1, 1, target_kind)
         if cfg.shared_expert_gate:
             gate = Problem.make(
                 "route",

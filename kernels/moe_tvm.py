@@ -3,6 +3,8 @@
 Each launcher checks shapes, allocates its outputs and calls the compiled module on torch tensors directly
 (DLPack, no copies). Weights are packed into the panel layout of ir/tvm_ir.py once and memoised per
 (tensor, version, panel width): an in-place update of a parameter bumps its version and forces a repack.
+The GEMMs run on the used blocks of an align output (`Aligned.trimmed`, a free host read on the CPU), so one
+with empty trailing blocks (kernels/ops.py) works too; gemm1 zeroes those blocks' rows.
 Legend: T tokens, H hidden, I intermediate, E experts, K top-k, BM rows per block, NB blocks, P panel.
 """
 
@@ -141,6 +143,7 @@ def gemm1(
     h, i, e, bm, gated = problem["H"], problem["I"], problem["E"], problem["BM"], problem["gated"]
     _check("gate_up_proj", gate_up_proj, (e, (2 if gated else 1) * i, h), x.dtype)
     _check("aligned rows", al.sorted_token, (al.num_blocks, bm))
+    nb_all, al = al.num_blocks, al.trimmed()
     mod = build(problem, config.as_dict(), target)
     nt = config["nt"]
     args = [
@@ -153,8 +156,9 @@ def gemm1(
     ]
     if problem["bias"]:
         args.append(gate_up_bias.contiguous())
-    out = torch.empty(al.num_blocks, bm, i, dtype=x.dtype)
-    mod["main"](*args, out)
+    out = torch.empty(nb_all, bm, i, dtype=x.dtype)
+    out[al.num_blocks :] = 0  # empty trailing blocks
+    mod["main"](*args, out[: al.num_blocks])
     return out
 
 
@@ -171,9 +175,10 @@ def gemm2(
     h, i, e, bm = problem["H"], problem["I"], problem["E"], problem["BM"]
     _check("down_proj", down_proj, (e, h, i), act.dtype)
     _check("act", act, (al.num_blocks, bm, i), act.dtype)
+    al = al.trimmed()
     mod = build(problem, config.as_dict(), target)
     args = [
-        act.contiguous(),
+        act[: al.num_blocks].contiguous(),
         al.sorted_weight,
         al.block_expert,
         al.inverse,

@@ -205,11 +205,14 @@ def gemm1(
 ) -> torch.Tensor:
     """Per block: rows of x (scaled by their weight if w_in) @ gate_up_proj[e]^T + bias -> act. (NB, BM, I).
 
-    gate_up_proj (E, UI, H), gate_up_bias (E, UI) | None; U = 2 when problem["gated"], else 1."""
+    gate_up_proj (E, UI, H), gate_up_bias (E, UI) | None; U = 2 when problem["gated"], else 1. An empty block
+    (block_expert -1, see kernels/ops.py) gives zeros."""
     i = problem["I"]
-    out = torch.empty(al.num_blocks, al.block_m, i, dtype=x.dtype)
+    out = torch.zeros(al.num_blocks, al.block_m, i, dtype=x.dtype)
     for b in range(al.num_blocks):
         e = int(al.block_expert[b])
+        if e < 0:
+            continue
         pre = F.linear(x[al.sorted_token[b].long()].float(), gate_up_proj[e].float())
         if problem["w_in"]:
             pre = pre * al.sorted_weight[b].unsqueeze(-1)
@@ -227,10 +230,14 @@ def gemm2(
     down_bias: torch.Tensor | None,
     num_tokens: int,
 ) -> torch.Tensor:
-    """Per block: act @ down_proj[e]^T + bias, times the weight if w_out; then sum each token's K rows."""
-    z = torch.empty(al.num_blocks, al.block_m, problem["H"], dtype=torch.float32)
+    """Per block: act @ down_proj[e]^T + bias, times the weight if w_out; then sum each token's K rows.
+
+    Empty blocks (block_expert -1) are skipped: no slot maps to them."""
+    z = torch.zeros(al.num_blocks, al.block_m, problem["H"], dtype=torch.float32)
     for b in range(al.num_blocks):
         e = int(al.block_expert[b])
+        if e < 0:
+            continue
         zb = F.linear(act[b].float(), down_proj[e].float())
         if down_bias is not None:
             zb = zb + down_bias[e].float()

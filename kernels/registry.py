@@ -13,9 +13,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-BACKENDS = ("tvm", "torch")  # preference order when nothing else is said
+BACKENDS = ("tvm", "torch", "triton")  # every backend
+# Preference order per target kind, when nothing else is said: the compiled backend first, torch as the fallback.
+PREFERENCE = {"cpu": ("tvm", "torch", "triton"), "cuda": ("triton", "torch", "tvm")}
 # Modules that register implementations when imported (kept lazy: importing TVM takes seconds).
-_BACKEND_MODULES = {"torch": "moetune.kernels.moe_torch", "tvm": "moetune.kernels.moe_tvm"}
+_BACKEND_MODULES = {
+    "torch": "moetune.kernels.moe_torch",
+    "tvm": "moetune.kernels.moe_tvm",
+    "triton": "moetune.kernels.moe_triton",
+}
 
 
 @dataclass(frozen=True)
@@ -97,9 +103,10 @@ def get_impl(op: str, backend: str) -> ImplInfo:
 
 
 def backends_for(op: str, target_kind: str, allowed: tuple[str, ...] = BACKENDS) -> list[str]:
-    """The allowed backends that implement `op` on a target kind, in preference order."""
+    """The allowed backends that implement `op` on a target kind, in the target kind's preference order."""
+    order = PREFERENCE.get(target_kind, BACKENDS)
     found = []
-    for backend in allowed:
+    for backend in sorted(allowed, key=lambda b: order.index(b) if b in order else len(order)):
         _load(backend)
         info = _REGISTRY.get((op, backend))
         if info is not None and target_kind in info.targets:

@@ -4,6 +4,11 @@ A target is plain data: `Target.name` is the string the kernel database keys on 
 host, `cuda -arch=sm_XY` for a GPU) and `Target.tvm` is the dict TVM 0.27 wants (string targets are gone).
 "cpu" always means the *detected* host CPU: a kernel built for a newer mcpu than the host (say znver4 on a
 znver3 host) compiles fine and then dies with SIGILL.
+
+GPU targets: `sm_80`, `sm_86`, `sm_89`, `sm_90` (or `cuda -arch=sm_XY`) name an architecture explicitly and need
+no GPU (that is how `moetune tune --target sm_90 --prepare` compiles for a GPU on a CPU machine); `cuda` means
+the first detected GPU. `GPU_LIMITS` holds the per-architecture resources the ahead-of-time feasibility checks
+use (CUDA C Programming Guide, "Technical Specifications per Compute Capability").
 """
 
 from __future__ import annotations
@@ -78,6 +83,27 @@ def detect_targets() -> list[dict[str, Any]]:
 
 
 @dataclass(frozen=True)
+class GpuLimits:
+    """Per-SM and per-block resources of one CUDA architecture."""
+
+    smem_per_block: int  # bytes a block may use (opt-in maximum)
+    smem_per_sm: int  # bytes
+    regs_per_sm: int  # 32-bit registers
+    max_threads_per_sm: int
+    max_blocks_per_sm: int
+    max_regs_per_thread: int = 255
+
+
+KIB = 1024
+GPU_LIMITS = {
+    "sm_80": GpuLimits(163 * KIB, 164 * KIB, 65536, 2048, 32),  # A100
+    "sm_86": GpuLimits(99 * KIB, 100 * KIB, 65536, 1536, 16),  # RTX 30xx, A10, A40
+    "sm_89": GpuLimits(99 * KIB, 100 * KIB, 65536, 1536, 24),  # L4, L40, RTX 40xx
+    "sm_90": GpuLimits(227 * KIB, 228 * KIB, 65536, 2048, 32),  # H100, H200
+}
+
+
+@dataclass(frozen=True)
 class Target:
     kind: str  # "cpu" | "cuda"
     name: str  # the kernel DB's target string
@@ -86,10 +112,30 @@ class Target:
     def __str__(self) -> str:
         return self.name
 
+    @property
+    def arch(self) -> str | None:
+        """`sm_XY` of a CUDA target, None for a CPU."""
+        return self.name.split("-arch=", 1)[1] if self.kind == "cuda" else None
+
+    @property
+    def capability(self) -> int | None:
+        """The compute capability as Triton's GPUTarget wants it (sm_90 -> 90), None for a CPU."""
+        return int(self.arch[3:]) if self.kind == "cuda" else None
+
+    @property
+    def limits(self) -> GpuLimits | None:
+        return GPU_LIMITS.get(self.arch) if self.kind == "cuda" else None
+
+
+def _cuda_target(arch: str) -> Target:
+    if arch not in GPU_LIMITS:
+        raise ValueError(f"unknown CUDA architecture {arch!r}; known: {', '.join(GPU_LIMITS)}")
+    return Target("cuda", f"cuda -arch={arch}", {"kind": "cuda", "arch": arch})
+
 
 @cache
 def resolve_target(spec: str | Target = "cpu") -> Target:
-    """ "cpu" (the host) or an explicit `llvm -mcpu=...` string -> Target."""
+    """ "cpu" (the host), `llvm -mcpu=...`, `sm_XY` / `cuda -arch=sm_XY` (no GPU needed) or "cuda" -> Target."""
     if isinstance(spec, Target):
         return spec
     if spec in ("cpu", "host", "llvm"):
@@ -98,6 +144,17 @@ def resolve_target(spec: str | Target = "cpu") -> Target:
     if spec.startswith("llvm -mcpu="):
         mcpu = spec.split("=", 1)[1].strip()
         return Target("cpu", f"llvm -mcpu={mcpu}", {"kind": "llvm", "mcpu": mcpu})
+    spec = spec.strip()
+    if spec.startswith("cuda -arch="):
+        return _cuda_target(spec.split("=", 1)[1].strip())
+    if spec.startswith("sm_"):
+        return _cuda_target(spec)
+    if spec in ("cuda", "gpu"):
+        gpus = cuda_gpus()
+        if not gpus:
+            raise ValueError(f"no CUDA GPU found for target 'cuda'; name an architecture: {', '.join(GPU_LIMITS)}")
+        return _cuda_target(gpus[0]["arch"])
     raise ValueError(
-        f"unknown target {spec!r}; use 'cpu' or 'llvm -mcpu=<cpu>' (GPU targets come with the CUDA backends)"
+        f"unknown target {spec!r}; use 'cpu', 'llvm -mcpu=<cpu>', 'cuda' or a CUDA architecture "
+        f"({', '.join(GPU_LIMITS)})"
     )

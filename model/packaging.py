@@ -35,6 +35,7 @@ from moetune.model.moe import MoE
 FORMAT, SCHEMA = "moetune-package", 1
 MANIFEST, META, WEIGHTS, KERNELS = "manifest.json", "moetune.json", "model.safetensors", "kernels.json"
 _KINDS: dict[str, type] = {}
+_BUILTIN_KINDS = {"moetune-encoder": ("moetune.model.student", "MoEStudent")}  # imported when first loaded
 
 
 class PackageError(ValueError):
@@ -93,11 +94,13 @@ def _records(cfgs: list[MoEConfig], targets: list[str], db: Any) -> list[dict[st
     from moetune.model.tuned import _open_db
 
     handle = _open_db(db)
-    names = [resolve_target(t).name for t in targets]
+    resolved = [resolve_target(t) for t in targets]
+    names = [t.name for t in resolved]
     if handle is None:
         warnings.warn("moetune: no kernel database; the package carries no tuned kernels", stacklevel=3)
         return []
-    ops = {op.problem.signature for cfg in set(cfgs) for b in range(17) for op in lower(cfg, 1 << b)}
+    kinds = {t.kind for t in resolved}
+    ops = {op.problem.signature for cfg in set(cfgs) for k in kinds for b in range(17) for op in lower(cfg, 1 << b, k)}
     versions = current_versions()
     rows = [r.to_dict() for t in names for r in handle.records(target=t) if r.key.op in ops and r.versions == versions]
     for t in names:
@@ -274,7 +277,12 @@ def load(pkg_dir: str | Path, target: str = "cpu", backends: tuple[str, ...] | N
         from transformers import AutoConfig, AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(root)))
-    elif kind in _KINDS:
+    elif kind in _KINDS or kind in _BUILTIN_KINDS:
+        if kind not in _KINDS:
+            import importlib
+
+            module, name = _BUILTIN_KINDS[kind]
+            register_kind(kind, getattr(importlib.import_module(module), name))
         model = _KINDS[kind].from_package_config(meta["config"], load_tokenizer(root))
     else:
         raise PackageError(f"{root}: unknown package kind {kind!r} (known: moe, hf-causal-lm, {', '.join(_KINDS)})")

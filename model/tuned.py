@@ -216,7 +216,7 @@ class TunedMoE(nn.Module):
         """The lowered program for a batch of m_tokens and the (impl, config) chosen for each of its ops."""
         bucket = m_bucket(m_tokens)
         if bucket not in self._plans:
-            program = lower(self.cfg, bucket)
+            program = lower(self.cfg, bucket, target_kind=self.target.kind)
             self._plans[bucket] = (program, {op.name: self._choose(op.name, op.problem, bucket) for op in program})
         return self._plans[bucket]
 
@@ -281,7 +281,8 @@ class TunedMoE(nn.Module):
         if gate is not None:
             weights, ids = self._run(chosen, program, "shared.route", x2, gate, None, None)
         else:
-            weights, ids = torch.ones(t, 1), torch.zeros(t, 1, dtype=torch.int32)
+            weights = torch.ones(t, 1, device=x2.device)
+            ids = torch.zeros(t, 1, dtype=torch.int32, device=x2.device)
         aligned = self._run(chosen, program, "shared.align", weights, ids)
         act = self._run(
             chosen, program, "shared.gemm1", x2, aligned, w["shared_expert.gate_up_proj"].unsqueeze(0), None

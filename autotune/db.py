@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -188,19 +189,29 @@ def current_versions() -> dict[str, str]:
                 return version(name)
         return "none"
 
-    try:
-        from moetune.kernels.tvm_build import kernel_source_hash
-
-        source = kernel_source_hash()
-    except ImportError:  # no TVM: no TVM kernels either
-        source = "none"
     return {
         "moetune": dist("moetune"),
         "tvm": dist("apache-tvm", "tvm"),
         "triton": dist("triton"),
         "torch": dist("torch"),
-        "source": source,
+        "source": kernel_sources_hash(),
     }
+
+
+def kernel_sources_hash() -> str:
+    """One hash over every backend's kernel sources (TVM CPU, Triton, TVM CUDA): any kernel change marks
+    records stale. A backend that cannot be imported here (no TVM, no Triton) counts as "none"."""
+    parts = []
+    for name, module in (
+        ("tvm", "moetune.kernels.tvm_build"),
+        ("triton", "moetune.kernels.triton_common"),
+        ("tvm_cuda", "moetune.kernels.tvm_cuda"),
+    ):
+        try:
+            parts.append(f"{name}={importlib.import_module(module).kernel_source_hash()}")
+        except ImportError:
+            parts.append(f"{name}=none")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
 def _read_envelope(path: Path) -> list[KernelRecord]:

@@ -31,11 +31,13 @@ import sqlalchemy
 from moetune.autotune.db import KernelDB, KernelKey, KernelRecord, current_versions
 from moetune.autotune.worker import Task, Worker
 from moetune.ir.program import Problem
-from moetune.kernels.registry import backend_info
+from moetune.kernels.registry import backend_info, backends_for
 from moetune.kernels.target import Target
 from moetune.schedules.space import Point, SearchSpace
 
 SAMPLERS = ("tpe", "cmaes", "gp", "random", "grid")
+# The backends whose spaces are searched, per target kind (torch is always measured: the baseline).
+TUNED_BACKENDS = {"cpu": ("tvm",), "cuda": ("triton", "tvm_cuda")}
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
@@ -172,8 +174,15 @@ class StudyContext:
     on_event: Callable[[dict[str, Any]], None] = lambda event: None
 
 
-def _study_name(target: Target, problem: Problem, m_bucket: int, versions: dict[str, str]) -> str:
-    return f"moetune|{target.name}|{problem.signature}|M{m_bucket}|src={versions['source']}"
+def tuned_backends(op: str, target: Target) -> list[str]:
+    """The backends tuned for an op kind on a target (those of TUNED_BACKENDS that implement it there)."""
+    return backends_for(op, target.kind, TUNED_BACKENDS.get(target.kind, ()))
+
+
+def _study_name(target: Target, problem: Problem, m_bucket: int, versions: dict[str, str], backend: str = "tvm") -> str:
+    """One study per backend; the tvm study keeps its original name (resumable across this change)."""
+    name = f"moetune|{target.name}|{problem.signature}|M{m_bucket}|src={versions['source']}"
+    return name if backend == "tvm" else f"{name}|{backend}"
 
 
 def _measure(ctx: StudyContext, m: int, op_name: str, backend: str, point: Point):
@@ -191,11 +200,13 @@ def _measure(ctx: StudyContext, m: int, op_name: str, backend: str, point: Point
     return ctx.worker.run(task, ctx.trial_timeout)
 
 
-def _warm_start(ctx: StudyContext, problem: Problem, m: int, space: SearchSpace, versions) -> list[Point]:
-    """Feasible tvm winners of the same op kind, nearest shape first (same signature, then by M distance)."""
+def _warm_start(
+    ctx: StudyContext, problem: Problem, m: int, space: SearchSpace, versions, backend: str = "tvm"
+) -> list[Point]:
+    """Feasible winners of the backend for the same op kind, nearest shape first (same signature, then M)."""
     found = []
     for r in ctx.db.records(target=ctx.target.name, dtype=problem.dtype):
-        if r.backend == "tvm" and r.versions == versions and r.key.op.split("[")[0] == problem.op:
+        if r.backend == backend and r.versions == versions and r.key.op.split("[")[0] == problem.op:
             distance = (r.key.op != problem.signature, abs(math.log2(r.key.m_bucket) - math.log2(m)))
             found.append((distance, r.config))
     points = []
@@ -225,23 +236,38 @@ def tune_op(
         ctx.on_event({"kind": "study_end", "outcome": outcome})
         return outcome
     started = time.monotonic()
-    space = backend_info("tvm").space(problem, ctx.target)
-    sampler = make_sampler(ctx.sampler, space, ctx.seed)
-    study = _create_study(ctx, _study_name(ctx.target, problem, m, versions), sampler)
+    backends = tuned_backends(problem.op, ctx.target)
     ctx.on_event({"kind": "study_start", "op": op_name, "problem": problem.signature, "m": m})
-    baseline = study.user_attrs.get("torch")
+    studies = []
+    baseline = None
+    for backend in backends:
+        space = backend_info(backend).space(problem, ctx.target)
+        sampler = make_sampler(ctx.sampler, space, ctx.seed)
+        study = _create_study(ctx, _study_name(ctx.target, problem, m, versions, backend), sampler)
+        baseline = baseline or study.user_attrs.get("torch")
+        studies.append((backend, space, study))
     if baseline is None:
         res = _measure(ctx, m, op_name, "torch", {})
         if not res.ok:
             raise RuntimeError(f"the torch baseline of {op_name} failed: {res.error}")
         baseline = {"p20_ms": res.p20_ms, "p50_ms": res.p50_ms, "p80_ms": res.p80_ms}
-        study.set_user_attr("torch", baseline)
+    for _, _, study in studies:
+        if study.user_attrs.get("torch") is None:
+            study.set_user_attr("torch", baseline)
     outcome.torch_p50_ms = baseline["p50_ms"]
+    for backend, space, study in studies:
+        share = time_budget / len(studies) if time_budget is not None else None  # the budget is split
+        _run_study(ctx, op_name, problem, m, trials, share, versions, backend, space, study)
+    return _finish(ctx, studies, outcome, key, versions, baseline, started)
+
+
+def _run_study(ctx, op_name, problem, m, trials, time_budget, versions, backend, space, study) -> None:
+    """Enqueue the backend's default point and warm starts, then let the sampler explore its space."""
     budget = 1 if not space.params else trials
     if not study.trials:
-        default = backend_info("tvm").default(problem, ctx.target)
+        default = backend_info(backend).default(problem, ctx.target)
         study.enqueue_trial(encode(space, default), user_attrs={"origin": "default"})
-        for point in _warm_start(ctx, problem, m, space, versions):
+        for point in _warm_start(ctx, problem, m, space, versions, backend):
             study.enqueue_trial(encode(space, point), user_attrs={"origin": "warm-start"}, skip_if_exists=True)
 
     def objective(trial: optuna.Trial) -> float:
@@ -251,8 +277,9 @@ def tune_op(
             trial.set_user_attr("pruned", "; ".join(violations))
             raise optuna.TrialPruned()
         trial.set_user_attr("config", point)
+        trial.set_user_attr("backend", backend)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # who ran it (many workers)
-        res = _measure(ctx, m, op_name, "tvm", point)
+        res = _measure(ctx, m, op_name, backend, point)
         if not res.ok:
             trial.set_user_attr("error", res.error)
             raise TrialFailed(res.error)
@@ -266,6 +293,7 @@ def tune_op(
                 "kind": "trial",
                 "op": op_name,
                 "m": m,
+                "backend": backend,
                 "state": trial.state.name,
                 "value": trial.value,
                 "error": trial.user_attrs.get("error"),
@@ -287,7 +315,6 @@ def tune_op(
         )
     if isinstance(ctx.storage, optuna.storages.RDBStorage):
         _settle(study, objective, on_trial)
-    return _finish(ctx, study, outcome, key, versions, baseline, started)
 
 
 def _settle(study: optuna.Study, objective, on_trial) -> None:
@@ -309,19 +336,27 @@ def _settle(study: optuna.Study, objective, on_trial) -> None:
         study.optimize(objective, n_trials=len(waiting), callbacks=[on_trial], catch=(TrialFailed,))
 
 
-def _finish(ctx, study, outcome: OpOutcome, key: KernelKey, versions, baseline, started: float) -> OpOutcome:
+def _finish(ctx, studies, outcome: OpOutcome, key: KernelKey, versions, baseline, started: float) -> OpOutcome:
+    """The winner over every backend's completed trials and the torch baseline; into the DB."""
     states = optuna.trial.TrialState
-    complete = [t for t in study.trials if t.state == states.COMPLETE]
-    outcome.trials = sum(t.state != states.RUNNING and t.state != states.WAITING for t in study.trials)
-    outcome.failed = sum(t.state == states.FAIL for t in study.trials)
-    outcome.pruned = sum(t.state == states.PRUNED for t in study.trials)
-    outcome.failures = [t.user_attrs.get("error", "") for t in study.trials if t.state == states.FAIL]
-    default = [t for t in complete if t.user_attrs.get("origin") == "default"]
-    outcome.default_p50_ms = default[0].value if default else math.nan
-    best = min(complete, key=lambda t: t.value) if complete else None
-    if best is not None and best.value < baseline["p50_ms"]:
-        outcome.backend, outcome.config, outcome.p50_ms = "tvm", best.user_attrs["config"], best.value
-        p20, p80 = best.user_attrs["p20_ms"], best.user_attrs["p80_ms"]
+    complete, default = [], []
+    outcome.trials = outcome.failed = outcome.pruned = 0
+    outcome.failures = []
+    for backend, _, study in studies:
+        trials = study.trials
+        done = [(backend, t) for t in trials if t.state == states.COMPLETE]
+        complete += done
+        default += [bt for bt in done if bt[1].user_attrs.get("origin") == "default"]
+        outcome.trials += sum(t.state != states.RUNNING and t.state != states.WAITING for t in trials)
+        outcome.failed += sum(t.state == states.FAIL for t in trials)
+        outcome.pruned += sum(t.state == states.PRUNED for t in trials)
+        outcome.failures += [t.user_attrs.get("error", "") for t in trials if t.state == states.FAIL]
+    outcome.default_p50_ms = default[0][1].value if default else math.nan  # the preferred backend's default
+    best = min(complete, key=lambda bt: bt[1].value) if complete else None
+    if best is not None and best[1].value < baseline["p50_ms"]:
+        backend, trial = best
+        outcome.backend, outcome.config, outcome.p50_ms = backend, trial.user_attrs["config"], trial.value
+        p20, p80 = trial.user_attrs["p20_ms"], trial.user_attrs["p80_ms"]
     else:
         outcome.backend, outcome.config, outcome.p50_ms = "torch", {}, baseline["p50_ms"]
         p20, p80 = baseline["p20_ms"], baseline["p80_ms"]

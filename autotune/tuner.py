@@ -98,9 +98,12 @@ def tune(
     )
     report = TuneReport(cfg.name or "custom", tgt.name, cfg.dtype, buckets, sampler)
     started = time.monotonic()
-    jobs = [(bucket, op) for bucket in buckets for op in lower(cfg, bucket) if ops is None or op.name in ops]
+    # lowered for the target kind: BM (and so the problem signatures) are what TunedMoE looks up there
+    programs = {bucket: lower(cfg, bucket, target_kind=tgt.kind) for bucket in buckets}
+    jobs = [(bucket, op) for bucket in buckets for op in programs[bucket] if ops is None or op.name in ops]
     if not jobs:
-        raise ValueError(f"no op of the program matches {ops}; ops: {', '.join(o.name for o in lower(cfg, 1))}")
+        names = ", ".join(o.name for o in lower(cfg, 1, target_kind=tgt.kind))
+        raise ValueError(f"no op of the program matches {ops}; ops: {names}")
     try:
         for index, (bucket, op) in enumerate(jobs):
             budget = None

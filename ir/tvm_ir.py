@@ -171,3 +171,109 @@ def route_logits_func(problem: Problem, panel: int) -> tvm.tirx.PrimFunc:
     else:
         logits = te.compute((t, e), lambda tt, n: acc[tt, n], name="L")
     return te.create_prim_func([*args, logits])
+
+
+# ---- CUDA variants (schedules/cuda_tvm.py) ------------------------------------------------------------------
+# The GPU kernels read the weights in their natural layout (E, U*I, H) and (E, H, I): a weight row is contiguous
+# along the reduction, so a thread block stages (rows x BK) tiles of both operands in shared memory with
+# coalesced, vectorised loads and nothing is packed on the host (a deployed model passes its parameters as they
+# are). Two extra stages make those tiles expressible as TE producers the schedule can place in shared memory:
+# "XG", the gathered token rows (an indirect read, which `cache_read` cannot stage), and "WG", the block's expert
+# weights (the expert index bexp[b] is data, so the region of a plain cache_read would be all E experts).
+# Empty trailing blocks (bexp = -1, kernels/ops.py) read expert 0 (clamped, so no out-of-bounds address is ever
+# formed) and the schedule skips their reduction; gemm1 writes zeros into their rows.
+
+
+def _expert(bexp, b):
+    return te.max(bexp[b], tvm.tirx.const(0, "int32"))
+
+
+def gemm1_cuda_func(problem: Problem) -> tvm.tirx.PrimFunc:
+    """act[b, m, n] as gemm1_func, weights unpacked.
+
+    Args: x (T,H), tok (NB,BM) i32, wt (NB,BM) f32, bexp (NB,) i32, w (E,U*I,H) [, bias (E,U*I)], act (NB,BM,I).
+    Blocks: "XG" (gathered rows), "WG" (the block's expert weights as (NB, U, I, H)), "GU" (fp32 reduction,
+    (NB, BM, U, I): gate u=0 and up u=1 side by side, so one thread's tile holds both halves of its columns),
+    "A" (epilogue: activation, zeros for an empty block).
+    """
+    h, i, e, bm, dt = problem["H"], problem["I"], problem["E"], problem["BM"], problem.dtype
+    u = 2 if problem["gated"] else 1
+    t, nb = te.var("T"), te.var("NB")
+    x = te.placeholder((t, h), dt, name="x")
+    tok = te.placeholder((nb, bm), "int32", name="tok")
+    wt = te.placeholder((nb, bm), F32, name="wt")
+    bexp = te.placeholder((nb,), "int32", name="bexp")
+    w = te.placeholder((e, u * i, h), dt, name="w")
+    xg = te.compute((nb, bm, h), lambda b, m, k: x[tok[b, m], k], name="XG")
+    wg = te.compute((nb, u, i, h), lambda b, uu, n, k: w[_expert(bexp, b), uu * i + n, k], name="WG")
+    k = te.reduce_axis((0, h), name="k")
+    gu = te.compute(
+        (nb, bm, u, i),
+        lambda b, m, uu, n: te.sum(xg[b, m, k].astype(F32) * wg[b, uu, n, k].astype(F32), axis=k),
+        name="GU",
+    )
+    args = [x, tok, wt, bexp, w]
+    bias = te.placeholder((e, u * i), dt, name="bias") if problem["bias"] else None
+    if bias is not None:
+        args.append(bias)
+
+    def pre(b, m, uu, n):
+        v = gu[b, m, uu, n]
+        if problem["w_in"]:
+            v = v * wt[b, m]
+        return v + bias[_expert(bexp, b), uu * i + n].astype(F32) if bias is not None else v
+
+    def epilogue(b, m, n):
+        if u == 1:
+            v = _plain_act(problem["act"], pre(b, m, 0, n))
+        else:
+            v = _act(problem["act"], pre(b, m, 0, n), pre(b, m, 1, n), problem["alpha"], problem["limit"])
+        return te.if_then_else(bexp[b] >= 0, v, tvm.tirx.const(0.0, F32)).astype(dt)
+
+    out = te.compute((nb, bm, i), epilogue, name="A")
+    return te.create_prim_func([*args, out])
+
+
+def gemm2_cuda_func(problem: Problem) -> tvm.tirx.PrimFunc:
+    """z and out as gemm2_func, weights unpacked.
+
+    Args: act (NB,BM,I), wt (NB,BM) f32, bexp (NB,) i32, inv (T,K) i32, w (E,H,I) [, bias (E,H)], z (NB,BM,H) f32
+    scratch, out (T,H). Blocks: "WG" (the block's expert weights as (NB, H, I)), "Zacc" (reduction), "Z"
+    (epilogue), "O" (fixed-order combine over K: deterministic). An empty block's z rows are never read (no slot
+    maps to them).
+    """
+    h, i, e, k, bm, dt = problem["H"], problem["I"], problem["E"], problem["K"], problem["BM"], problem.dtype
+    t, nb = te.var("T"), te.var("NB")
+    act = te.placeholder((nb, bm, i), dt, name="act")
+    wt = te.placeholder((nb, bm), F32, name="wt")
+    bexp = te.placeholder((nb,), "int32", name="bexp")
+    inv = te.placeholder((t, k), "int32", name="inv")
+    w = te.placeholder((e, h, i), dt, name="w")
+    wg = te.compute((nb, h, i), lambda b, n, r: w[_expert(bexp, b), n, r], name="WG")
+    r = te.reduce_axis((0, i), name="r")
+    zacc = te.compute(
+        (nb, bm, h), lambda b, m, n: te.sum(act[b, m, r].astype(F32) * wg[b, n, r].astype(F32), axis=r), name="Zacc"
+    )
+    args = [act, wt, bexp, inv, w]
+    bias = te.placeholder((e, h), dt, name="bias") if problem["bias"] else None
+    if bias is not None:
+        args.append(bias)
+
+    def epilogue(b, m, n):
+        v = zacc[b, m, n]
+        if bias is not None:
+            v = v + bias[_expert(bexp, b), n].astype(F32)
+        return v * wt[b, m] if problem["w_out"] else v
+
+    z = te.compute((nb, bm, h), epilogue, name="Z")
+
+    def combine(tt, n):
+        total = None
+        for kk in range(k):
+            p = inv[tt, kk]
+            term = z[p // bm, p % bm, n]
+            total = term if total is None else total + term
+        return total.astype(dt)
+
+    out = te.compute((t, h), combine, name="O")
+    return te.create_prim_func([*args, z, out])

@@ -13,14 +13,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-BACKENDS = ("tvm", "torch", "triton")  # every backend
+BACKENDS = ("tvm", "torch", "triton", "tvm_cuda")  # every backend
 # Preference order per target kind, when nothing else is said: the compiled backend first, torch as the fallback.
-PREFERENCE = {"cpu": ("tvm", "torch", "triton"), "cuda": ("triton", "torch", "tvm")}
+# tvm_cuda: TVM-scheduled CUDA-core kernels (cubins launched by CuPy); triton's tensor-core GEMMs come first on CUDA.
+PREFERENCE = {"cpu": ("tvm", "torch", "triton", "tvm_cuda"), "cuda": ("triton", "tvm_cuda", "torch", "tvm")}
 # Modules that register implementations when imported (kept lazy: importing TVM takes seconds).
 _BACKEND_MODULES = {
     "torch": "moetune.kernels.moe_torch",
     "tvm": "moetune.kernels.moe_tvm",
     "triton": "moetune.kernels.moe_triton",
+    "tvm_cuda": "moetune.kernels.tvm_cuda",
 }
 
 

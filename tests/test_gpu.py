@@ -260,3 +260,49 @@ def test_short_tune_of_a_gemm(op, target):
         assert rel_err(got.float(), want.float()) <= 1e-2, point
         timings.append(triton.testing.do_bench(lambda p=point: _run(kind, problem, target, *args, point=p)))
     assert all(t > 0 for t in timings)
+
+
+# ---- the TVM CUDA backend (kernels/tvm_cuda.py): cubins built here with nvcc, launched through CuPy ----------
+@pytest.mark.parametrize("t", TOKENS)
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_tvm_cuda_gemms_bf16_within_twice_torch(name, t, target):
+    """Both TVM CUDA GEMMs on the Triton align's output (empty trailing blocks included) against the reference."""
+    pytest.importorskip("cupy")
+    _, layer, program, x, al = _gemm_case(name, t)
+    ex = layer.experts
+    g1, g2 = program.op("experts.gemm1"), program.op("experts.gemm2")
+    act = _run("gemm1", g1, target, x, al, ex.gate_up_proj, ex.gate_up_bias, backend="tvm_cuda")
+    torch_act = _run("gemm1", g1, target, x, al.trimmed(), ex.gate_up_proj, ex.gate_up_bias, backend="torch")
+    cal = _cpu_aligned(al)
+    b1 = None if ex.gate_up_bias is None else ex.gate_up_bias.float().cpu()
+    want_act = ref.gemm1(g1, x.float().cpu(), cal, ex.gate_up_proj.float().cpu(), b1)
+    nb = al.used_blocks()
+    kernel_err, torch_err = rel_err(act[:nb].cpu(), want_act[:nb]), rel_err(torch_act.cpu(), want_act[:nb])
+    assert kernel_err <= 2 * max(torch_err, BF16_FLOOR), (kernel_err, torch_err)
+    assert (act[nb:] == 0).all()  # empty blocks: zeros
+    out = _run("gemm2", g2, target, act, al, ex.down_proj, ex.down_bias, backend="tvm_cuda")
+    torch_out = _run("gemm2", g2, target, act[:nb], al.trimmed(), ex.down_proj, ex.down_bias, backend="torch")
+    b2 = None if ex.down_bias is None else ex.down_bias.float().cpu()
+    want = ref.gemm2(g2, act.float().cpu(), cal, ex.down_proj.float().cpu(), b2, t)
+    kernel_err, torch_err = rel_err(out.cpu(), want), rel_err(torch_out.cpu(), want)
+    assert kernel_err <= 2 * max(torch_err, BF16_FLOOR), (kernel_err, torch_err)
+    again = _run("gemm2", g2, target, act, al, ex.down_proj, ex.down_bias, backend="tvm_cuda")
+    assert torch.equal(out, again)  # fixed-order combine: deterministic
+
+
+@pytest.mark.parametrize("name", ["qwen3-like", "distilled-non-gated", "gpt-oss-like"])
+def test_tuned_moe_on_tvm_cuda_bf16(name):
+    pytest.importorskip("cupy")
+    cfg = CONFIGS[name]
+    layer = _layer(cfg)
+    exact = MoE(cfg.replace(dtype="float32")).eval()
+    exact.load_state_dict({k: v.float().cpu() for k, v in layer.state_dict().items()})
+    tuned = TunedMoE.from_module(layer, target="cuda", backends=("tvm_cuda", "torch"))
+    for t in TOKENS:
+        x = torch.randn(t, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            want = exact(x.float().cpu())
+            torch_err = rel_err(layer(x).float().cpu(), want)
+        got = tuned(x)
+        assert got.shape == x.shape and got.dtype == torch.bfloat16 and got.is_cuda
+        assert rel_err(got.float().cpu(), want) <= 2 * torch_err + 1e-3

@@ -6,14 +6,20 @@ contribution patterns (I_total, N) -> E clusters of I = I_total / E neurons -> e
 W2[:, S_e] (a permutation of the dense FFN's neurons, so the E experts together ARE the dense FFN) -> router
 (linear H -> E, with bias) fitted to predict the K experts that carry most of each token's FFN output.
 
+Measured on all-MiniLM-L6-v2 (E=8, K=2, held-out calibration tokens, oracle routing): the co-activation
+clusters leave a routed error ||routed - dense|| / ||dense - mean|| of 0.244 on layer 1 and 0.397 on layer 3,
+against 0.290 / 0.481 for a random split; even the best 25% of single neurons chosen per token (no expert
+structure at all) leaves 0.124 / 0.224, since GELU activations are dense. Hence the distillation after it.
+
 Legend: N calibration tokens, H hidden, It = I_total dense intermediate, I = It / E per expert, E, K.
 
 Biases. The dense output bias b2 is spread over the experts' down_bias so that the K chosen ones always sum to
 it (exactly K are chosen). On top, each expert carries a compensation: c_e = mean output of expert e over the
 tokens that do not choose it (under the oracle routing). down_bias_e = b2/K - c_e + C/K with C = sum_e c_e, so
 the K chosen experts add up to b2 + sum over the unchosen experts of c_e: a dropped expert is replaced by its
-average contribution instead of by zero (GELU neurons are rarely exactly 0). With K = E the compensations cancel:
-the experts reproduce the dense FFN exactly.
+average contribution instead of by zero (GELU neurons are rarely exactly 0; on MiniLM, E=8 K=2, the oracle routed
+error drops 0.273 -> 0.261 on layer 1, 0.435 -> 0.409 on layer 3). With K = E the compensations cancel: the
+experts reproduce the dense FFN exactly.
 
 Routing target. For token t and expert e, score s_te = ||y_te - c_e||: how far the expert's output is from
 the constant that replaces it when it is dropped; the best K experts for t are the top-K of s_t. The router

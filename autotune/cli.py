@@ -196,6 +196,9 @@ def _mount() -> None:
 
     app.command("package")(package_command)
     app.command("run")(run_command)
+    from moetune.autotune.distill_cli import distill_command
+
+    app.command("distill")(distill_command)
 
 
 _mount()

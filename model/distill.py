@@ -401,6 +401,7 @@ def distill(
     sec: dict[str, float] = {}
     moefy_stats: list[dict] = []
     student = moefy((model, tok), experts, top_k, texts[:calib_texts], seed=seed, stats=moefy_stats)
+    train_max_length = min(train_max_length, student.max_length)  # never past the teacher's positions
     sec["load_moefy"] = time.perf_counter() - t0
 
     t = time.perf_counter()

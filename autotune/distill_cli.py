@@ -8,6 +8,7 @@ target at the token counts its encode batches have -> package (weights, configs,
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -156,7 +157,8 @@ def _finish(student, report: dict, out: Path, target: str, trials: int, db: Any,
     tuned = []
     if trials:
         for cfg in {c for c in student.moe_cfgs.values()}:
-            with console.status(f"tuning {cfg.name or 'student MoE'} for M={buckets}", disable=quiet):
+            status = console.status(f"tuning {cfg.name or 'student MoE'} for M={buckets}")
+            with contextlib.nullcontext() if quiet else status:
                 rep = tune(cfg, target=target, m=buckets, trials=trials, db=handle, time_budget=300)
             tuned.append({"trials": rep.trials, "seconds": rep.seconds, "speedup_vs_torch": rep.speedup_vs_torch()})
     package(student, out, targets=[target], db=handle)

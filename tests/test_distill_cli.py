@@ -41,7 +41,7 @@ def test_distill_packages_a_student_that_loads_and_encodes(tiny_teacher_dir, tmp
         "32",
     ]
     result = runner.invoke(
-        app, [*args, "--tune-trials", "0", "--out", str(out), "--results", str(results), "--db", str(tmp_path / "k.db"),
+        app, [*args, "--tune-trials", "1", "--out", str(out), "--results", str(results), "--db", str(tmp_path / "k.db"),
               "--json"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output

@@ -361,7 +361,7 @@ def distill(
     teacher_spec: str | Path = "minilm",
     experts: int = 8,
     top_k: int = 2,
-    steps: int = 100,
+    steps: int = 50,
     *,
     batch_size: int = 32,
     lr: float = 3e-4,
@@ -372,8 +372,8 @@ def distill(
     straight_through: bool = True,
     train_max_length: int = 128,
     calib_texts: int = 1024,
-    layerwise_epochs: int = 2,
-    layerwise_texts: int = 1024,
+    layerwise_epochs: int = 3,
+    layerwise_texts: int = 2048,
     layerwise_lr: float = 1e-3,
     eval_texts: int | None = 512,
     eval_at: tuple[int, ...] = (),
@@ -383,6 +383,10 @@ def distill(
     progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[MoEStudent, dict[str, Any]]:
     """MoEfy the teacher, distil it layer by layer, then end to end on real text; -> (student, report).
+
+    Defaults, measured on all-MiniLM-L6-v2 E=8 K=2 (2 shared cores): stage 1 gains more cosine per second than
+    stage 2 (3 epochs on 2048 texts: 0.776 -> 0.882; 2 epochs on 1024 texts then 100 end-to-end steps: 0.880
+    in twice the time), so the default spends most of its time there and finishes with 50 end-to-end steps.
 
     texts / heldout default to the corpus of model/text.py (training / held-out split); eval_texts caps the
     held-out texts evaluated (None: all). eval_at: end-to-end step counts after which the held-out cosine is

@@ -1,102 +1,229 @@
-"""Whole-layer benchmark: the reference MoE vs TunedMoE on each backend, side by side in one run.
+"""Whole-layer benchmark: moetune against the MoE implementations users would pick instead, one run, same weights.
 
-Providers (all on the same weights and the same rotating inputs):
-  reference   model.MoE, the readable reference (a loop over experts)
-  torch       TunedMoE restricted to the torch backend (sort-based, vectorised)
-  tvm         TunedMoE on TVM kernels with each op's default schedule point (untuned, DB ignored)
-  tuned       TunedMoE with the kernel DB's winners (exact M bucket, else the nearest; else defaults)
-One CSV row per (preset, dtype, T, provider) with machine, versions, config and timestamp.
+Providers (all on the same weights and the same rotating inputs, each verified once against the reference
+before it is timed; one that does not match is reported and not timed):
+  reference       model.MoE, moetune's readable reference (a loop over experts)
+  torch           TunedMoE restricted to the torch backend (sort-based, vectorised)
+  tvm             TunedMoE on TVM kernels at each op's default schedule point (untuned, DB ignored)
+  tuned           TunedMoE with the kernel DB's winners (exact M bucket, else the nearest; else defaults)
+  hf-eager        transformers' own block of the preset's family, experts_implementation="eager"
+  hf-grouped_mm   ... "grouped_mm" (torch grouped_mm over expert-sorted rows)
+  hf-batched_mm   ... "batched_mm" (gathers S copies of expert weights: skipped where that exceeds a limit)
+Per cell (preset, dtype, T): p20/p50/p80, useful GFLOP/s, GB/s of the bytes a forward must move (the experts
+the routing touched + router + shared + activations, autotune/roofline.py) and % of this machine's roofline
+(ceilings measured in the same run), speedup over the reference and over the best HF provider.
+One CSV row per (cell, provider) with machine, versions, config and timestamp.
+Legend: T tokens, H hidden, K top-k.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from moetune.autotune.measure import Timing, machine_name, measure
+from moetune.autotune.roofline import Machine, experts_touched, layer_bytes
 from moetune.model.config import MoEConfig
 
-PROVIDERS = ("reference", "torch", "tvm", "tuned")
+MOETUNE_PROVIDERS = ("reference", "torch", "tvm", "tuned")
+HF_PROVIDERS = ("hf-eager", "hf-grouped_mm", "hf-batched_mm")
+PROVIDERS = MOETUNE_PROVIDERS + HF_PROVIDERS
+DEFAULT_PROVIDERS = ("reference", *HF_PROVIDERS, "tvm", "tuned")
+DEFAULT_PRESETS = ("qwen3-30b-a3b", "mixtral-8x7b", "olmoe-1b-7b", "gpt-oss-20b")
+DEFAULT_TOKENS = (1, 16, 256, 1024)
+DEFAULT_DTYPES = ("float32", "bfloat16")
+CSV_NAME = "layer_bench_v2.csv"  # layer_bench.csv keeps the older, narrower header
+VERIFY_TOKENS = 16
+TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 5e-3}  # norm-wise rel. error vs the reference
 
 
 @dataclass(frozen=True)
 class BenchRow:
     machine: str
-    preset: str
+    preset: str  # "<preset>/<shrink>" when H and I were divided for a quick run
     dtype: str
     tokens: int
     provider: str
     p20_ms: float
     p50_ms: float
     p80_ms: float
-    n: int
+    n: int  # timed calls (1: a single call over the slow-call limit)
     gflops: float  # useful FLOPs (router + K experts + shared) per second, at p50
+    gbps: float  # bytes a forward must move (see roofline.layer_bytes) per second, at p50
+    pct_roofline: float  # achieved GFLOP/s / min(peak, bandwidth x intensity), in %
+    roofline_gflops: float
+    flops: float
+    bytes: float
+    experts_touched: float  # distinct experts routed to, mean over the input sets
+    max_rel_err: float  # against the reference at T=VERIFY_TOKENS (or the smallest T that fits)
     speedup_vs_reference: float  # reference p50 / this p50, same run
-    config: str  # JSON: per-op backend and schedule point
+    speedup_vs_best_hf: float  # best HF provider's p50 / this p50, same run (nan without HF providers)
+    best_hf: str
+    peak_gflops: float  # the ceilings measured in this run
+    read_gbs: float
+    config: str  # JSON: per-op backend and schedule point, or the HF family and experts implementation
     versions: str
     timestamp: str
 
 
-def _versions() -> str:
-    import tvm
+@dataclass
+class Provider:
+    name: str
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    describe: Callable[[int], Any]
+    fits: Callable[[int], str | None] = lambda t: None  # a reason it cannot run at T, else None
+    max_rel_err: float = math.nan
 
-    return json.dumps({"torch": torch.__version__, "tvm": tvm.__version__, "threads": torch.get_num_threads()})
+
+@dataclass
+class LayerResult:
+    rows: list[BenchRow] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # {preset, dtype, tokens, provider, reason}
 
 
-def _providers(ref, names: tuple[str, ...], target: str, db: Any) -> dict[str, tuple[Callable[[Any], Any], Any]]:
+def versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"torch": torch.__version__}
+    for name, dist in (("tvm", "apache-tvm"), ("transformers", "transformers")):
+        try:
+            found[name] = version(dist)
+        except PackageNotFoundError:
+            found[name] = "none"
+    return json.dumps({**found, "threads": torch.get_num_threads()})
+
+
+def reference_layer(cfg: MoEConfig):
+    from moetune.model.moe import MoE
+
+    torch.manual_seed(0)
+    ref = MoE(cfg).eval().requires_grad_(False)
+    if cfg.score_correction_bias:
+        ref.router.e_score_correction_bias.normal_(std=0.05)
+    return ref
+
+
+def make_provider(name: str, ref, target: str, db: Any, hf_mem_limit: float) -> Provider:
+    """One provider on `ref`'s weights; ValueError when it cannot run this config at all."""
     from moetune.model.tuned import TunedMoE
 
-    out: dict[str, tuple[Callable[[Any], Any], Any]] = {}
-    for name in names:
-        if name == "reference":
-            out[name] = (ref, None)
-        elif name in ("torch", "tvm"):
-            tuned = TunedMoE.from_module(ref, target=target, backends=(name,), db=False)
-            out[name] = (tuned, tuned)
-        elif name == "tuned":
-            tuned = TunedMoE.from_module(ref, target=target, db=db)
-            out[name] = (tuned, tuned)
-        else:
-            raise ValueError(f"unknown provider {name!r}; available: {', '.join(PROVIDERS)}")
-    return out
+    cfg = ref.cfg
+    if name == "reference":
+        return Provider(name, ref, lambda t: [])
+    if name in ("torch", "tvm", "tuned"):
+        kw = {"backends": (name,), "db": False} if name != "tuned" else {"db": db}
+        tuned = TunedMoE.from_module(ref, target=target, **kw)
+        return Provider(name, tuned, tuned.describe)
+    if name not in HF_PROVIDERS:
+        raise ValueError(f"unknown provider {name!r}; available: {', '.join(PROVIDERS)}")
+    from moetune.autotune.bench_hf import batched_mm_bytes, family, hf_block, hf_forward
+
+    impl = name.removeprefix("hf-")
+    block = hf_block(cfg, dict(ref.state_dict()), impl)
+    info = {"family": family(cfg), "experts_implementation": impl}
+
+    def fits(t: int) -> str | None:
+        need = batched_mm_bytes(cfg, t)
+        if impl == "batched_mm" and need > hf_mem_limit:
+            return f"batched_mm gathers {need / 2**30:.1f} GiB of expert weights (limit {hf_mem_limit / 2**30:.1f})"
+        return None
+
+    return Provider(name, hf_forward(block, cfg.hidden_size), lambda t: info, fits)
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.double(), want.double()
+    return ((got - want).norm() / want.norm().clamp_min(1e-30)).item() if torch.isfinite(got).all() else math.inf
+
+
+def verify(provider: Provider, ref, tokens: list[int]) -> str | None:
+    """Compare once with the reference at T=VERIFY_TOKENS (or the largest smaller T that fits); None if it matches."""
+    cfg = ref.cfg
+    fitting = [t for t in sorted({VERIFY_TOKENS, *tokens}) if t <= VERIFY_TOKENS and provider.fits(t) is None]
+    if not fitting:
+        return provider.fits(min(tokens))
+    x = torch.randn(fitting[-1], cfg.hidden_size, generator=torch.Generator().manual_seed(7)).to(cfg.torch_dtype)
+    with torch.no_grad():
+        provider.max_rel_err = _rel(provider.fn(x), ref(x))
+    limit = TOLERANCE[cfg.dtype]
+    if not provider.max_rel_err <= limit:
+        return f"output does not match the reference: rel err {provider.max_rel_err:.3g} > {limit:g}"
+    return None
+
+
+def time_provider(fn, inputs: list[torch.Tensor], repeat: int, slow_call_s: float) -> Timing:
+    """measure() after one timed warm-up call; a warm-up slower than `slow_call_s` is the only sample."""
+    start = time.perf_counter()
+    fn(inputs[-1])
+    first = time.perf_counter() - start
+    if first > slow_call_s:
+        return Timing(first * 1e3, first * 1e3, first * 1e3, 1)
+    return measure(fn, inputs, warmup=1, repeat=repeat)
 
 
 def bench_layer(
     cfg: MoEConfig,
     tokens: list[int],
-    providers: tuple[str, ...] = PROVIDERS,
+    providers: tuple[str, ...] = DEFAULT_PROVIDERS,
+    machine: Machine | None = None,
     target: str = "cpu",
     repeat: int = 10,
-    on_row: Callable[[BenchRow], None] | None = None,
     db: Any = None,
-) -> list[BenchRow]:
-    from moetune.model.moe import MoE
-
-    torch.manual_seed(0)
-    ref = MoE(cfg).eval()
-    if cfg.score_correction_bias:
-        ref.router.e_score_correction_bias.normal_(std=0.05)
-    impls = _providers(ref, providers, target, db)
-    rows, machine, versions = [], machine_name(), _versions()
+    hf_mem_limit: float = 4 * 2**30,
+    slow_call_s: float = 30.0,
+    on_row: Callable[[BenchRow], None] | None = None,
+) -> LayerResult:
+    """Every provider at every T on one config's layer; rows in provider order per T."""
+    result, preset = LayerResult(), cfg.name or "custom"
+    ref = reference_layer(cfg)
+    impls: dict[str, Provider] = {}
+    for name in providers:
+        try:
+            p = make_provider(name, ref, target, db, hf_mem_limit)
+            reason = verify(p, ref, tokens)
+        except (ValueError, ImportError, RuntimeError) as exc:
+            reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+        if reason is None:
+            impls[name] = p
+        else:
+            result.skipped.append(
+                {"preset": preset, "dtype": cfg.dtype, "tokens": None, "provider": name, "reason": reason}
+            )
+    machine_, vers = machine_name(), versions()
     for t in tokens:
-        inputs = [torch.randn(t, cfg.hidden_size, dtype=cfg.torch_dtype) for _ in range(3)]
-        timings: dict[str, Timing] = {}
+        inputs = [torch.randn(t, cfg.hidden_size).to(cfg.torch_dtype) for _ in range(3)]
         with torch.no_grad():
-            for name, (fn, _) in impls.items():
-                timings[name] = measure(fn, inputs, repeat=repeat)
+            touched = sum(experts_touched(ref.route(x)[1]) for x in inputs) / len(inputs)
+        flops, nbytes = cfg.flops_per_token() * t, layer_bytes(cfg, t, touched)
+        timings: dict[str, Timing] = {}
+        for name, p in impls.items():
+            reason = p.fits(t)
+            if reason:
+                result.skipped.append(
+                    {"preset": preset, "dtype": cfg.dtype, "tokens": t, "provider": name, "reason": reason}
+                )
+                continue
+            with torch.no_grad():
+                timings[name] = time_provider(p.fn, inputs, repeat, slow_call_s)
+        hf = {k: v.p50_ms for k, v in timings.items() if k in HF_PROVIDERS}
+        best_hf = min(hf, key=hf.get) if hf else ""
         base = timings.get("reference")
+        peak = machine.peak_for(cfg.dtype) if machine else math.nan
+        bw = machine.read_gbs if machine else math.nan
+        roof = machine.roof_gflops(flops, nbytes, cfg.dtype) if machine else math.nan
         for name, timing in timings.items():
-            tuned = impls[name][1]
+            seconds = timing.p50_ms * 1e-3
             row = BenchRow(
-                machine=machine,
-                preset=cfg.name or "custom",
+                machine=machine_,
+                preset=preset,
                 dtype=cfg.dtype,
                 tokens=t,
                 provider=name,
@@ -104,23 +231,63 @@ def bench_layer(
                 p50_ms=round(timing.p50_ms, 4),
                 p80_ms=round(timing.p80_ms, 4),
                 n=timing.n,
-                gflops=round(cfg.flops_per_token() * t / (timing.p50_ms * 1e-3) / 1e9, 3),
-                speedup_vs_reference=round(base.p50_ms / timing.p50_ms, 3) if base else float("nan"),
-                config=json.dumps(tuned.describe(t) if tuned is not None else []),
-                versions=versions,
+                gflops=_sig(flops / seconds / 1e9),
+                gbps=_sig(nbytes / seconds / 1e9),
+                pct_roofline=_sig(100 * flops / seconds / 1e9 / roof) if machine else math.nan,
+                roofline_gflops=_sig(roof),
+                flops=flops,
+                bytes=round(nbytes),
+                experts_touched=round(touched, 2),
+                max_rel_err=impls[name].max_rel_err,
+                speedup_vs_reference=_sig(base.p50_ms / timing.p50_ms) if base else math.nan,
+                speedup_vs_best_hf=_sig(hf[best_hf] / timing.p50_ms) if hf else math.nan,
+                best_hf=best_hf,
+                peak_gflops=peak,
+                read_gbs=bw,
+                config=json.dumps(impls[name].describe(t)),
+                versions=vers,
                 timestamp=time.strftime("%Y-%m-%dT%H:%M:%S"),
             )
-            rows.append(row)
+            result.rows.append(row)
             if on_row:
                 on_row(row)
-    return rows
+    return result
+
+
+def _sig(value: float, digits: int = 4) -> float:
+    return float(f"{value:.{digits}g}")
+
+
+def geomean(values: list[float]) -> float:
+    good = [v for v in values if v > 0 and math.isfinite(v)]
+    return math.exp(sum(math.log(v) for v in good) / len(good)) if good else math.nan
+
+
+def tuned_vs_hf(rows: list[BenchRow], provider: str = "tuned") -> dict[str, Any]:
+    """Per cell: `provider`'s speedup over the best HF provider; their geometric mean (overall and per dtype)."""
+    cells = [r for r in rows if r.provider == provider and math.isfinite(r.speedup_vs_best_hf)]
+    out: dict[str, Any] = {
+        "provider": provider,
+        "cells": len(cells),
+        "geomean": geomean([r.speedup_vs_best_hf for r in cells]),
+    }
+    for dtype in dict.fromkeys(r.dtype for r in cells):
+        out[f"geomean_{dtype}"] = geomean([r.speedup_vs_best_hf for r in cells if r.dtype == dtype])
+    return out
 
 
 def append_csv(rows: list[BenchRow], path: Path) -> None:
+    """Append rows; a file whose header is not this one is never appended to (ValueError: use another name)."""
+    fields = list(BenchRow.__dataclass_fields__)
     path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
+    if path.exists() and path.stat().st_size:
+        with path.open(newline="") as f:
+            header = next(csv.reader(f), [])
+        if header != fields:
+            raise ValueError(f"{path} has another header (an older bench schema); write to a new file with --out")
+    new = not path.exists() or not path.stat().st_size
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(BenchRow.__dataclass_fields__))
+        writer = csv.DictWriter(f, fieldnames=fields)
         if new:
             writer.writeheader()
         for row in rows:

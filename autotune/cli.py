@@ -97,92 +97,263 @@ def _parse_ints(text: str, what: str) -> list[int]:
     return values
 
 
-def _shrunk(cfg, factor: int):
-    if factor == 1:
-        return cfg
-    return cfg.replace(
-        name=f"{cfg.name}/{factor}",
-        hidden_size=max(8, cfg.hidden_size // factor),
-        intermediate_size=max(8, cfg.intermediate_size // factor),
-        shared_intermediate_size=max(8, cfg.shared_intermediate_size // factor) if cfg.num_shared_experts else 0,
-    )
-
-
 @app.command()
 def bench(
     preset: Annotated[
-        list[str], typer.Option("--preset", "-p", help="Model preset (repeatable); see `moetune presets`.")
-    ] = ["qwen3-30b-a3b"],  # noqa: B006
-    tokens: Annotated[str, typer.Option("--tokens", "-t", help="Comma-separated token counts T.")] = "1,16,256",
-    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
+        list[str] | None,
+        typer.Option(
+            "--preset",
+            "-p",
+            help="Model preset (repeatable); see `moetune presets`. Default: the comparison matrix of "
+            "qwen3-30b-a3b, mixtral-8x7b, olmoe-1b-7b and gpt-oss-20b.",
+        ),
+    ] = None,
+    tokens: Annotated[str, typer.Option("--tokens", "-t", help="Comma-separated token counts T.")] = "1,16,256,1024",
+    dtype: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated: float32, bfloat16, float16. Default: float32,bfloat16 for the matrix, "
+            "float32 with --preset."
+        ),
+    ] = None,
     providers: Annotated[
-        str, typer.Option(help="Comma-separated: reference, torch, tvm (untuned defaults), tuned (kernel DB).")
-    ] = "reference,torch,tvm,tuned",
-    db: Annotated[str | None, typer.Option(help="Kernel DB for the tuned provider [default: the embedded DB]")] = None,
-    repeat: Annotated[int, typer.Option(min=1, help="Timed calls per cell (after 2 warm-ups).")] = 10,
+        str | None,
+        typer.Option(
+            help="Comma-separated, or 'all': reference, torch, tvm (untuned defaults), tuned (kernel DB), "
+            "hf-eager, hf-grouped_mm, hf-batched_mm. Default: reference, the three hf-*, tvm, tuned for the "
+            "matrix; reference, torch, tvm, tuned with --preset."
+        ),
+    ] = None,
+    db: Annotated[str | None, typer.Option(help="Kernel DB for the tuned provider. Default: the embedded DB.")] = None,
+    repeat: Annotated[int, typer.Option(min=1, help="Timed calls per cell (after a warm-up; 20 s cap).")] = 10,
     shrink: Annotated[
-        int, typer.Option(min=1, help="Divide H and I (and the shared width) by this, for quick smoke runs.")
-    ] = 1,
+        int | None,
+        typer.Option(
+            min=1, help="Divide H and I (and the shared width) by this. Default: 4 for the matrix, 1 with --preset."
+        ),
+    ] = None,
+    hf_mem_gib: Annotated[
+        float, typer.Option(help="Skip hf-batched_mm where its gathered weights exceed this many GiB.")
+    ] = 4.0,
+    slow_call_s: Annotated[
+        float, typer.Option(help="A provider whose warm-up call takes longer is timed by that single call.")
+    ] = 30.0,
     out: Annotated[
-        str | None, typer.Option(help="CSV to append rows to [default: results/<machine>/layer_bench.csv]")
+        str | None, typer.Option(help="CSV to append rows to. Default: results/<machine>/layer_bench_v2.csv.")
     ] = None,
     save: Annotated[bool, typer.Option(help="Append the rows to the CSV.")] = True,
+    report: Annotated[
+        str | None, typer.Option(help="Write a JSON report (ceilings, rows, skipped, tuned-vs-HF geomean) here.")
+    ] = None,
+    plot: Annotated[
+        str | None, typer.Option("--plot", help="Write speedup.png and roofline.png to this folder.")
+    ] = None,
+    matmul_n: Annotated[int, typer.Option(min=64, help="Square size of the peak-matmul measurement.")] = 2048,
+    stream_mib: Annotated[int, typer.Option(min=1, help="MiB of fp32 read / copied for the bandwidth.")] = 1024,
     as_json: JsonFlag = False,
 ) -> None:
-    """Time one whole MoE layer: the reference vs TunedMoE on each backend, in one run, same weights."""
+    """Time one whole MoE layer forward: moetune (reference, untuned, tuned) vs Hugging Face's experts
+    implementations, same weights, same inputs, with this machine's roofline measured in the same run."""
+    import json
+    from dataclasses import asdict
     from pathlib import Path
 
-    from moetune.autotune.bench import PROVIDERS, append_csv, bench_layer
+    from moetune.autotune import bench_report
+    from moetune.autotune.bench import (
+        CSV_NAME,
+        DEFAULT_DTYPES,
+        DEFAULT_PRESETS,
+        DEFAULT_PROVIDERS,
+        MOETUNE_PROVIDERS,
+        PROVIDERS,
+        append_csv,
+        bench_layer,
+    )
     from moetune.autotune.measure import machine_name
+    from moetune.autotune.roofline import measure_machine
+    from moetune.autotune.search_study import shrink_config
     from moetune.model import MoEConfig
 
+    matrix = not preset
     token_list = _parse_ints(tokens, "--tokens")
-    chosen = tuple(p.strip() for p in providers.split(",") if p.strip())
+    if providers == "all":
+        providers = ",".join(PROVIDERS)
+    chosen = tuple(p.strip() for p in (providers or "").split(",") if p.strip())
+    chosen = chosen or (DEFAULT_PROVIDERS if matrix else MOETUNE_PROVIDERS)
     bad = [p for p in chosen if p not in PROVIDERS]
-    if bad or not chosen:
-        fail(f"unknown provider(s) {', '.join(bad) or '(none)'}; available: {', '.join(PROVIDERS)}")
+    if bad:
+        fail(f"unknown provider(s) {', '.join(bad)}; available: {', '.join(PROVIDERS)}")
+    dtypes = [d.strip() for d in dtype.split(",") if d.strip()] if dtype else None
+    dtypes = dtypes or list(DEFAULT_DTYPES if matrix else ("float32",))
+    factor = shrink if shrink is not None else (4 if matrix else 1)
     try:
-        configs = [_shrunk(MoEConfig.preset(name, dtype=dtype), shrink) for name in preset]
+        configs = [
+            shrink_config(MoEConfig.preset(name, dtype=d), factor) for d in dtypes for name in preset or DEFAULT_PRESETS
+        ]
     except ValueError as exc:
         fail(str(exc))
-    rows = []
+    with console.status("measuring this machine's peak matmul and read bandwidth"):
+        machine = measure_machine(tuple(dtypes), n=matmul_n, nbytes=stream_mib << 20)
+    peaks = ", ".join(f"{d} {v:.1f} (n={machine.matmul_n[d]})" for d, v in machine.peak_gflops.items())
+    if not as_json:  # --json: the output is the JSON alone (each row carries the ceilings)
+        console.print(
+            f"{machine_name()}: peak matmul GFLOP/s: {peaks}; read {machine.read_gbs:.1f} GB/s, "
+            f"copy {machine.copy_gbs:.1f} GB/s ({machine.stream_bytes >> 20} MiB fp32)",
+            highlight=False,
+        )
+    rows, skipped = [], []
     with console.status("benchmarking") as status:
         for cfg in configs:
-            status.update(f"{cfg.name} {cfg.dtype}: building weights and kernels")
-            rows += bench_layer(
+            status.update(f"{cfg.name} {cfg.dtype}: building weights, kernels and HF blocks")
+            result = bench_layer(
                 cfg,
                 token_list,
                 chosen,
+                machine=machine,
                 repeat=repeat,
                 db=db,
+                hf_mem_limit=hf_mem_gib * 2**30,
+                slow_call_s=slow_call_s,
                 on_row=lambda r: status.update(f"{r.preset} {r.dtype} T={r.tokens}: {r.provider} done"),
             )
+            rows += result.rows
+            skipped += result.skipped
+    full = bench_report.report(rows, skipped, machine)
+    path = Path(out) if out else Path("results") / machine_name() / CSV_NAME
     if save:
-        path = Path(out) if out else Path("results") / machine_name() / "layer_bench.csv"
-        append_csv(rows, path)
+        try:
+            append_csv(rows, path)
+        except ValueError as exc:
+            fail(str(exc))
+    if report:
+        Path(report).write_text(json.dumps(full, indent=1, default=str) + "\n")
+    if plot:
+        try:
+            bench_report.plot(rows, machine, Path(plot))
+        except ImportError:
+            fail("--plot needs matplotlib: pip install 'moetune[plot]'")
     if as_json:
-        from dataclasses import asdict
-
         print_json([asdict(r) for r in rows])
         return
-    table = Table(title=f"one MoE layer forward on {machine_name()} (p50 of {repeat}; speedup vs reference)")
-    for column in ("preset", "dtype", "T", "provider", "p20 ms", "p50 ms", "p80 ms", "GFLOP/s", "speedup"):
-        table.add_column(column, justify="left" if column in ("preset", "dtype", "provider") else "right")
-    for r in rows:
-        table.add_row(
-            r.preset,
-            r.dtype,
-            str(r.tokens),
-            r.provider,
-            f"{r.p20_ms:.2f}",
-            f"{r.p50_ms:.2f}",
-            f"{r.p80_ms:.2f}",
-            f"{r.gflops:.1f}",
-            f"{r.speedup_vs_reference:.2f}x",
-        )
-    console.print(table)
+    console.print(bench_report.table(rows, f"one MoE layer forward on {machine_name()} (p50 of {repeat})"))
+    for s in skipped:
+        console.print(f"skipped {s['provider']} on {s['preset']} {s['dtype']} T={s['tokens'] or 'all'}: {s['reason']}")
+    for key in ("tuned_vs_best_hf", "tvm_vs_best_hf"):
+        summary = full[key]
+        if summary["cells"]:
+            per = ", ".join(f"{k[8:]} {v:.2f}x" for k, v in summary.items() if k.startswith("geomean_"))
+            console.print(
+                f"{summary['provider']} vs best HF provider: geomean {summary['geomean']:.2f}x over "
+                f"{summary['cells']} cells ({per})"
+            )
     if save:
         console.print(f"rows appended to {path}")
+
+
+study_app = typer.Typer(
+    help="Search-efficiency study: measure whole schedule grids, then replay the tuner's samplers on them.",
+    no_args_is_help=True,
+)
+
+
+@study_app.command("grid")
+def study_grid(
+    problem: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--problem", help="PRESET[/SHRINK]:gemm1|gemm2:M (repeatable). Default: the study's six problems."
+        ),
+    ] = None,
+    out: Annotated[str, typer.Option(help="Folder for grid_<problem>.csv")] = "results/search",
+    repeat: Annotated[int, typer.Option(min=1, help="Timed calls per point (the tuner's default).")] = 10,
+    passes: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Measurements of each point, each pass in its own random order; the table keeps the fastest."
+        ),
+    ] = 2,
+    force: Annotated[
+        bool, typer.Option(help="Re-measure from scratch (default: resume, skipping measured points).")
+    ] = False,
+) -> None:
+    """Build, verify and time every feasible schedule point of each problem (the tuner's trial path)."""
+    from pathlib import Path
+
+    from moetune.autotune.bench import versions
+    from moetune.autotune.measure import machine_name
+    from moetune.autotune.search_study import DEFAULT_PROBLEMS, StudyProblem, measure_grid
+    from moetune.kernels.target import resolve_target
+
+    try:
+        problems = [StudyProblem.parse(p) for p in (problem or DEFAULT_PROBLEMS)]
+    except ValueError as exc:
+        fail(str(exc))
+    meta = {"machine": machine_name(), "target": resolve_target("cpu").name, "versions": versions()}
+    for p in problems:
+        path = Path(out) / f"grid_{p.slug}.csv"
+        if path.exists() and force:
+            path.unlink()
+        with console.status(f"{p.name}: measuring") as status:
+            table = measure_grid(
+                p,
+                path,
+                meta,
+                passes=passes,
+                repeat=repeat,
+                on_point=lambda i, n, gp, name=p.name: status.update(f"{name}: {i}/{n} ({gp.p50_ms:.3f} ms)"),
+            )
+        console.print(
+            f"{p.name}: {len(table.points)} points, {table.seconds:.0f} s of trials; best {table.best.p50_ms:.3f} ms "
+            f"{table.best.point}; drift of the default point {table.drift():.2f}x, median pass-to-pass spread "
+            f"{table.pass_spread():.2f}x (nan: one pass) -> {path}"
+        )
+
+
+@study_app.command("run")
+def study_run(
+    folder: Annotated[str, typer.Option("--dir", help="Folder holding grid_*.csv; results go here too.")] = (
+        "results/search"
+    ),
+    samplers: Annotated[str, typer.Option(help="Comma-separated: tpe, cmaes, gp, random.")] = "tpe,cmaes,gp,random",
+    budgets: Annotated[str, typer.Option(help="Comma-separated trial budgets.")] = "8,16,32,64",
+    seeds: Annotated[int, typer.Option(min=1, help="Seeds per sampler and problem.")] = 5,
+    plot: Annotated[bool, typer.Option(help="Write search_efficiency.png.")] = True,
+    as_json: JsonFlag = False,
+) -> None:
+    """Replay each sampler against the measured grids (a table lookup) and report trials-to-5% and ratios."""
+    import json
+    from pathlib import Path
+
+    from moetune.autotune.search_study import SAMPLERS, load_grid, run_study, targets
+    from moetune.autotune.search_study_report import markdown
+    from moetune.autotune.search_study_report import plot as plot_study
+
+    chosen = [s.strip() for s in samplers.split(",") if s.strip()]
+    if not chosen or any(s not in SAMPLERS for s in chosen):
+        fail(f"--samplers must be a subset of {', '.join(SAMPLERS)}, got {samplers!r}")
+    budget_list = _parse_ints(budgets, "--budgets")
+    paths = sorted(Path(folder).glob("grid_*.csv"))
+    if not paths:
+        fail(f"no grid_*.csv in {folder}; run `moetune study grid` first")
+    tables = [load_grid(p) for p in paths]
+    with console.status("replaying samplers") as status:
+        result = run_study(
+            tables, chosen, budget_list, seeds, on_run=lambda n, s, seed: status.update(f"{n}: {s} seed {seed}")
+        )
+    result["targets"] = targets(result["summary"], budget_list)
+    Path(folder, "study.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    Path(folder, "study.md").write_text(markdown(result) + "\n")
+    if plot:
+        try:
+            plot_study(result, Path(folder, "search_efficiency.png"))
+        except ImportError:
+            console.print("no plot: matplotlib is not installed (pip install 'moetune[plot]')")
+            plot = False
+    if as_json:
+        print_json({k: v for k, v in result.items() if k != "traces"})
+        return
+    console.print(markdown(result), markup=False, highlight=False)
+    console.print(f"study.json, study.md{', search_efficiency.png' if plot else ''} written to {folder}")
 
 
 def _mount() -> None:
@@ -199,6 +370,7 @@ def _mount() -> None:
     from moetune.autotune.distill_cli import distill_command
 
     app.command("distill")(distill_command)
+    app.add_typer(study_app, name="study")
 
 
 _mount()

@@ -1,0 +1,112 @@
+"""This machine's roofline, measured in the run that uses it, and the work and traffic of one MoE layer forward.
+
+Ceilings (torch on the threads the benchmark uses, median of several calls):
+  peak GFLOP/s   a square N x N x N matmul per dtype (fp32 sgemm; bf16/fp16 where torch has a CPU kernel)
+  read GB/s      summing a large fp32 tensor (every byte read once; what streaming weights needs)
+  copy GB/s      copying a large fp32 tensor, counted as read + write (reported, not used for the roof)
+A cell's roof: min(peak, read bandwidth x arithmetic intensity) GFLOP/s, with intensity = useful FLOPs /
+bytes. The peak used for a cell is the best measured matmul rate of the cell's dtype or of fp32 (a kernel may
+always upcast to fp32 and compute there, which is what the CPU kernels here do for bf16).
+
+Bytes of a forward at T tokens (what has to come from memory at least once): the router weights, the
+weights of the experts that the batch's routing actually touches (counted on the benchmark's own inputs),
+the shared expert's weights, biases, and the activations in and out (T x H each).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from moetune.model.config import MoEConfig
+
+
+@dataclass(frozen=True)
+class Machine:
+    """Measured ceilings: matmul GFLOP/s per dtype and stream bandwidths in GB/s."""
+
+    peak_gflops: dict[str, float]
+    read_gbs: float
+    copy_gbs: float
+    matmul_n: dict[str, int]  # the square size each dtype's peak was measured at
+    stream_bytes: int
+
+    def peak_for(self, dtype: str) -> float:
+        return max(self.peak_gflops.get(dtype, 0.0), self.peak_gflops.get("float32", 0.0))
+
+    def roof_gflops(self, flops: float, nbytes: float, dtype: str) -> float:
+        """min(peak, bandwidth x intensity) for a piece of work of `flops` that moves `nbytes`."""
+        return min(self.peak_for(dtype), self.read_gbs * flops / nbytes)
+
+
+def _median_seconds(fn, calls: int) -> float:
+    fn()  # warm-up: page faults, oneDNN kernel selection
+    samples = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def measure_matmul(dtype: str, n: int = 2048, calls: int = 5, call_budget_s: float = 2.0) -> tuple[float, int]:
+    """(GFLOP/s, size used) of the faster of torch.mm(a, b) and F.linear(a, b) (a @ b.T) on n x n inputs.
+
+    A dtype without a fast CPU kernel (bf16 without AVX-512 BF16 runs at a few GFLOP/s here) is measured at
+    a smaller size, probed first, so that one call stays within about `call_budget_s`."""
+    dt = getattr(torch, dtype)
+    rate = 0.0
+    for size in sorted({min(n, 256), min(n, 512), min(n, 1024), n}):
+        a, b = torch.randn(size, size).to(dt), torch.randn(size, size).to(dt)
+        seconds = min(
+            _median_seconds(lambda a=a, b=b: torch.mm(a, b), calls),
+            _median_seconds(lambda a=a, b=b: torch.nn.functional.linear(a, b), calls),
+        )
+        rate = 2 * size**3 / seconds / 1e9
+        bigger = next((s for s in (512, 1024, n) if s > size), None)
+        if bigger is None or 2 * bigger**3 / (rate * 1e9) > call_budget_s:
+            return rate, size
+    return rate, n
+
+
+def measure_bandwidth(nbytes: int = 1 << 30, calls: int = 5) -> tuple[float, float]:
+    """(read GB/s, copy GB/s) over an fp32 tensor of `nbytes` (far larger than any cache)."""
+    src = torch.rand(nbytes // 4)
+    dst = torch.empty_like(src)
+    read = nbytes / _median_seconds(lambda: src.sum(), calls) / 1e9
+    copy = 2 * nbytes / _median_seconds(lambda: dst.copy_(src), calls) / 1e9
+    return read, copy
+
+
+def measure_machine(dtypes: tuple[str, ...] = ("float32",), n: int = 2048, nbytes: int = 1 << 30) -> Machine:
+    peaks, sizes = {}, {}
+    for d in dict.fromkeys(("float32", *dtypes)):
+        rate, size = measure_matmul(d, n)
+        peaks[d], sizes[d] = round(rate, 2), size
+    read, copy = measure_bandwidth(nbytes)
+    return Machine(peaks, round(read, 2), round(copy, 2), sizes, nbytes)
+
+
+# ---- the layer's work and traffic ---------------------------------------------------------------------------------
+def expert_bytes(cfg: MoEConfig) -> int:
+    """Bytes of one routed expert's weights (gate_up + down, and their biases)."""
+    h, i, u = cfg.hidden_size, cfg.intermediate_size, cfg.up_factor
+    params = u * i * h + h * i + ((u * i + h) if cfg.expert_bias else 0)
+    return params * torch.finfo(cfg.torch_dtype).bits // 8
+
+
+def layer_bytes(cfg: MoEConfig, tokens: int, experts_touched: float) -> float:
+    """Bytes one forward must move at least: touched experts, router, shared expert, activations in and out."""
+    size = torch.finfo(cfg.torch_dtype).bits // 8
+    h, s = cfg.hidden_size, cfg.shared_size
+    router = (cfg.num_experts * h + (cfg.num_experts if cfg.router_bias else 0)) * size
+    shared = (cfg.up_factor * s * h + h * s + (h if cfg.shared_expert_gate else 0)) * size
+    return experts_touched * expert_bytes(cfg) + router + shared + 2 * tokens * h * size
+
+
+def experts_touched(ids: torch.Tensor) -> int:
+    """Distinct experts in a routing's ids (T, K)."""
+    return int(torch.unique(ids).numel())

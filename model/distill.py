@@ -22,7 +22,9 @@ exactly the inference one (weight 1.0, the MoEConfig's `topk_hard`), while the K
 router; the routing-target term keeps the logits ordered by the experts' actual contributions. Evaluation and
 inference run MoE.forward (the test suite checks the training forward has the same value).
 What trains: `train="moe"` (routers + experts, the default: the rest stays the teacher's) or `"all"` (also
-attention, embeddings and LayerNorms).
+attention, embeddings and LayerNorms). Measured on MiniLM E=8 K=2 after stage 1 (held-out cosine 0.8794 on 256
+texts), 20 end-to-end steps: "moe" (lr 3e-4) 0.8786, "all" (lr 1e-4) 0.8798, the same within noise; "moe"
+keeps the student's dense parts byte-identical to the teacher's, so it is the default.
 """
 
 from __future__ import annotations

@@ -62,7 +62,8 @@ def test_cuda_lowering_gives_tensor_core_blocks():
 
 
 def test_backend_preference_per_target_kind():
-    assert backends_for("gemm1", "cuda") == ["triton", "torch"]
+    assert backends_for("gemm1", "cuda") == ["triton", "tvm_cuda", "torch"]
+    assert backends_for("route", "cuda") == ["triton", "torch"]  # tvm_cuda has the GEMMs only
     assert backends_for("gemm1", "cpu") == ["tvm", "torch"]
 
 

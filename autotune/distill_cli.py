@@ -70,7 +70,7 @@ def distill_command(
     ),
     experts: Annotated[int, typer.Option("--experts", "-e", min=1, help="E: experts per FFN.")] = 8,
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="K: experts per token.")] = 2,
-    steps: Annotated[int, typer.Option(min=0, help="Knowledge-distillation steps.")] = 300,
+    steps: Annotated[int, typer.Option(min=0, help="End-to-end distillation steps (after the layer-wise stage).")] = 50,
     target: Annotated[str, typer.Option("--target", "-t", help="Target to tune and package kernels for.")] = "cpu",
     tune_trials: Annotated[int, typer.Option(min=0, help="Trials per op and token count (0: no tuning).")] = 16,
     db: Annotated[str | None, typer.Option(help="Kernel database (default: the embedded one).")] = None,
@@ -82,7 +82,7 @@ def distill_command(
 ) -> None:
     """Distil a dense teacher into an E-expert, top-K MoE student, tune its kernels, and package it.
 
-    Example: moetune distill --teacher minilm --experts 8 --top-k 2 --steps 300 --out student.moetune
+    Example: moetune distill --teacher minilm --experts 8 --top-k 2 --steps 50 --out student.moetune
     """
     if top_k > experts:
         fail(f"--top-k ({top_k}) must be <= --experts ({experts})")

@@ -145,18 +145,28 @@ def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def verify(provider: Provider, ref, tokens: list[int]) -> str | None:
-    """Compare once with the reference at T=VERIFY_TOKENS (or the largest smaller T that fits); None if it matches."""
+    """Compare once with the reference at T=VERIFY_TOKENS (or the largest smaller T that fits); None if it matches.
+
+    fp32: the norm-wise relative error must be within TOLERANCE. bf16/fp16: per token, since a near-tie in the
+    router can pick another expert for a token in low precision (HF routes in the weights' dtype, the reference
+    in fp32): at least 3/4 of the tokens must be within TOLERANCE (a layout error misses on every token).
+    `max_rel_err` records the norm-wise error either way."""
     cfg = ref.cfg
     fitting = [t for t in sorted({VERIFY_TOKENS, *tokens}) if t <= VERIFY_TOKENS and provider.fits(t) is None]
     if not fitting:
         return provider.fits(min(tokens))
     x = torch.randn(fitting[-1], cfg.hidden_size, generator=torch.Generator().manual_seed(7)).to(cfg.torch_dtype)
     with torch.no_grad():
-        provider.max_rel_err = _rel(provider.fn(x), ref(x))
+        got, want = provider.fn(x).double(), ref(x).double()
+    provider.max_rel_err = _rel(got, want)
     limit = TOLERANCE[cfg.dtype]
-    if not provider.max_rel_err <= limit:
-        return f"output does not match the reference: rel err {provider.max_rel_err:.3g} > {limit:g}"
-    return None
+    if cfg.dtype == "float32":
+        ok, what = provider.max_rel_err <= limit, f"rel err {provider.max_rel_err:.3g}"
+    else:
+        per_token = (got - want).norm(dim=-1) / want.norm(dim=-1).clamp_min(1e-30)
+        good = int((per_token <= limit).sum()) if torch.isfinite(got).all() else 0
+        ok, what = 4 * good >= 3 * len(per_token), f"{good}/{len(per_token)} tokens within {limit:g}"
+    return None if ok else f"output does not match the reference: {what} (norm-wise {provider.max_rel_err:.3g})"
 
 
 def time_provider(fn, inputs: list[torch.Tensor], repeat: int, slow_call_s: float) -> Timing:

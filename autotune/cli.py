@@ -97,6 +97,19 @@ def _parse_ints(text: str, what: str) -> list[int]:
     return values
 
 
+def _json_safe(value):
+    """Non-finite floats (no result yet, no HF provider) as null: the files stay strict JSON."""
+    import math
+
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 @app.command()
 def bench(
     preset: Annotated[
@@ -226,7 +239,7 @@ def bench(
         except ValueError as exc:
             fail(str(exc))
     if report:
-        Path(report).write_text(json.dumps(full, indent=1, default=str) + "\n")
+        Path(report).write_text(json.dumps(_json_safe(full), indent=1, default=str) + "\n")
     if plot:
         try:
             bench_report.plot(rows, machine, Path(plot))
@@ -341,7 +354,7 @@ def study_run(
             tables, chosen, budget_list, seeds, on_run=lambda n, s, seed: status.update(f"{n}: {s} seed {seed}")
         )
     result["targets"] = targets(result["summary"], budget_list)
-    Path(folder, "study.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    Path(folder, "study.json").write_text(json.dumps(_json_safe(result), indent=1, default=str) + "\n")
     Path(folder, "study.md").write_text(markdown(result) + "\n")
     if plot:
         try:

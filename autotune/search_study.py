@@ -374,7 +374,7 @@ def run_study(
                     "grid_best_ms": best,
                     "default_ratio": default.p50_ms / best if default and default.ok else math.nan,
                     "drift": table.drift(),
-                    "pass_spread": table.pass_spread(),
+                    "pass_spread": None if math.isnan(table.pass_spread()) else table.pass_spread(),
                     "trials_to_5pct": reached,
                     "median_trials_to_5pct": med,
                     "median_fraction_of_grid": med / feasible if med is not None else None,

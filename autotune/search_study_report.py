@@ -43,8 +43,8 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _opt(value: float) -> str:
-    return "—" if math.isnan(value) else f"{value:.2f}"
+def _opt(value: float | None) -> str:
+    return "—" if value is None or math.isnan(value) else f"{value:.2f}"
 
 
 def plot(result: dict[str, Any], path: Path) -> Path:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from moetune.ir.program import Problem
 from moetune.kernels import triton_align, triton_gemm, triton_route
 from moetune.kernels.ops import Aligned, max_blocks
+from moetune.kernels.ops import check_tensor as _check
 from moetune.kernels.registry import KernelConfig, register_backend, register_impl
 from moetune.kernels.target import Target
 from moetune.kernels.triton_common import runnable
@@ -30,11 +31,6 @@ from moetune.schedules import triton as spaces
 register_backend("triton", space=spaces.space, default=spaces.default_point)
 _TARGETS = ("cuda",)
 _FP32_COPIES: dict[tuple, tuple[weakref.ref, torch.Tensor]] = {}
-
-
-def _check(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype | None = None) -> None:
-    if tuple(t.shape) != shape or (dtype is not None and t.dtype != dtype):
-        raise ValueError(f"{name}: expected {shape} {dtype or ''}, got {tuple(t.shape)} {t.dtype}")
 
 
 def _need(name: str, t: torch.Tensor | None, wanted: bool) -> None:

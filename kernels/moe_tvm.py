@@ -16,6 +16,7 @@ import torch
 
 from moetune.ir.program import Problem
 from moetune.kernels.ops import Aligned, max_blocks
+from moetune.kernels.ops import check_tensor as _check
 from moetune.kernels.registry import KernelConfig, register_backend, register_impl
 from moetune.kernels.target import Target
 from moetune.kernels.tvm_build import build
@@ -80,11 +81,6 @@ def _packed(source: torch.Tensor, part: slice, panel: int, interleave: int | Non
     _PACKED[key] = (weakref.ref(owner), packed)
     weakref.finalize(owner, _PACKED.pop, key, None)
     return packed
-
-
-def _check(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype | None = None) -> None:
-    if tuple(t.shape) != shape or (dtype is not None and t.dtype != dtype):
-        raise ValueError(f"{name}: expected {shape} {dtype or ''}, got {tuple(t.shape)} {t.dtype}")
 
 
 @register_impl("route", "tvm")

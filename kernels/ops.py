@@ -79,3 +79,9 @@ def max_blocks(s_rows: int, num_experts: int, block_m: int) -> int:
     """Upper bound of NB. At most min(E, S) experts have rows, and an expert with c rows has ceil(c / BM) <=
     (c + BM - 1) / BM blocks, so NB <= (S + min(E, S) * (BM - 1)) // BM (exact for BM = 1: NB = S)."""
     return (s_rows + min(num_experts, s_rows) * (block_m - 1)) // block_m
+
+
+def check_tensor(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype | None = None) -> None:
+    """A launcher's input check: `t` has exactly `shape` (and `dtype`), else a ValueError naming it."""
+    if tuple(t.shape) != shape or (dtype is not None and t.dtype != dtype):
+        raise ValueError(f"{name}: expected {shape} {dtype or ''}, got {tuple(t.shape)} {t.dtype}")

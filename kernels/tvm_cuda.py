@@ -36,6 +36,7 @@ import torch
 from moetune.ir.program import Problem
 from moetune.kernels import cupy_launch
 from moetune.kernels.ops import Aligned
+from moetune.kernels.ops import check_tensor as _check
 from moetune.kernels.registry import KernelConfig, register_backend, register_impl
 from moetune.kernels.target import Target
 from moetune.schedules import cuda_tvm
@@ -219,11 +220,6 @@ def build(problem: Problem, point: dict[str, Any], target: Target) -> tuple[str,
                 os.unlink(tmp_cubin)
     _LOADED[key] = (str(cubin), meta)
     return _LOADED[key]
-
-
-def _check(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype | None = None) -> None:
-    if tuple(t.shape) != shape or (dtype is not None and t.dtype != dtype):
-        raise ValueError(f"{name}: expected {shape} {dtype or ''}, got {tuple(t.shape)} {t.dtype}")
 
 
 def _run(problem: Problem, config: KernelConfig, target: Target, tensors: dict, sizes: dict) -> None:

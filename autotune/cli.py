@@ -274,7 +274,7 @@ def study_grid(
     problem: Annotated[
         list[str] | None,
         typer.Option(
-            "--problem", help="PRESET[/SHRINK]:gemm1|gemm2:M (repeatable). Default: the study's six problems."
+            "--problem", help="PRESET:OP:M or PRESET/SHRINK:OP:M, OP gemm1|gemm2 (repeatable). Default: the study's six problems."
         ),
     ] = None,
     out: Annotated[str, typer.Option(help="Folder for grid_<problem>.csv")] = "results/search",

@@ -20,6 +20,25 @@ def test_help_lists_commands():
     assert "targets" in result.output and "presets" in result.output
 
 
+def _commands(group, path=()):
+    """Every command path of the typer app (sub-groups included)."""
+    for name, cmd in getattr(group, "commands", {}).items():
+        yield (*path, name)
+        yield from _commands(cmd, (*path, name))
+
+
+def test_every_command_help_renders():
+    """--help of every command renders (rich markup in a help text, e.g. "[/X]", would crash it)."""
+    import typer
+
+    paths = list(_commands(typer.main.get_command(app)))
+    assert ("study", "grid") in paths and ("tune",) in paths
+    for path in paths:
+        result = runner.invoke(app, [*path, "--help"])
+        assert result.exit_code == 0, (path, result.output, result.exception)
+        assert "Usage" in result.output
+
+
 def test_targets_json_describes_the_host_cpu():
     result = runner.invoke(app, ["targets", "--json"])
     assert result.exit_code == 0, result.output

@@ -184,7 +184,6 @@ def bench(
     )
     from moetune.autotune.measure import machine_name
     from moetune.autotune.roofline import measure_machine
-    from moetune.autotune.search_study import shrink_config
     from moetune.model import MoEConfig
 
     matrix = not preset
@@ -200,9 +199,7 @@ def bench(
     dtypes = dtypes or list(DEFAULT_DTYPES if matrix else ("float32",))
     factor = shrink if shrink is not None else (4 if matrix else 1)
     try:
-        configs = [
-            shrink_config(MoEConfig.preset(name, dtype=d), factor) for d in dtypes for name in preset or DEFAULT_PRESETS
-        ]
+        configs = [MoEConfig.preset(name, dtype=d).shrunk(factor) for d in dtypes for name in preset or DEFAULT_PRESETS]
     except ValueError as exc:
         fail(str(exc))
     with console.status("measuring this machine's peak matmul and read bandwidth"):
@@ -274,7 +271,8 @@ def study_grid(
     problem: Annotated[
         list[str] | None,
         typer.Option(
-            "--problem", help="PRESET:OP:M or PRESET/SHRINK:OP:M, OP gemm1|gemm2 (repeatable). Default: the study's six problems."
+            "--problem",
+            help="PRESET:OP:M or PRESET/SHRINK:OP:M, OP gemm1|gemm2 (repeatable). Default: the study's six problems.",
         ),
     ] = None,
     out: Annotated[str, typer.Option(help="Folder for grid_<problem>.csv")] = "results/search",

@@ -3,7 +3,9 @@
 Per study: the torch backend is measured first (the baseline, kept in the study so a resumed run does not
 measure it again), the backend's default point is enqueued as the first trial, then the winners of the
 nearest already-tuned shapes from the kernel DB (warm start), then the sampler explores the op's declared
-space (schedules/). Infeasible points are pruned before anything is built; a trial whose candidate fails to
+space (schedules/), narrowed to the choices that occur in some feasible point. Infeasible proposals are pruned
+before anything is built and a repeat of a measured point is answered from the study: the budget counts
+measurements only (`explore`). A trial whose candidate fails to
 build, crashes, hangs or computes a wrong result is a FAIL with its reason in the trial's user attrs. The
 winner (the fastest of the completed trials and the torch baseline, so never slower than either) goes into
 the kernel DB. Trials live in the Optuna storage as they finish, so a killed run resumes where it stopped.
@@ -14,8 +16,10 @@ numeric axis); the others as categoricals.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import random
 import re
 import socket
 import time
@@ -36,6 +40,9 @@ from moetune.kernels.target import Target
 from moetune.schedules.space import Point, SearchSpace
 
 SAMPLERS = ("tpe", "cmaes", "gp", "random", "grid")
+# A study stops after this many proposals per budgeted trial even if too few were measurable (pruned or repeats).
+PROPOSALS_PER_TRIAL = 10
+STALL = 3  # unmeasured proposals in a row after which the next trial is a random unmeasured feasible point
 # The backends whose spaces are searched, per target kind (torch is always measured: the baseline).
 TUNED_BACKENDS = {"cpu": ("tvm",), "cuda": ("triton", "tvm_cuda")}
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -80,6 +87,10 @@ def suggest(trial: optuna.Trial, space: SearchSpace) -> Point:
 def encode(space: SearchSpace, point: Point) -> dict[str, Any]:
     """A point as the trial params `suggest` would have produced (for enqueue_trial)."""
     return {p.name: p.choices.index(point[p.name]) if _ordinal(p.choices) else point[p.name] for p in space.params}
+
+
+def _key(point: Point | None) -> str:
+    return json.dumps(point, sort_keys=True)
 
 
 def mask_url(text: str) -> str:
@@ -146,9 +157,10 @@ class OpOutcome:
     p50_ms: float = math.nan
     torch_p50_ms: float = math.nan
     default_p50_ms: float = math.nan
-    trials: int = 0
+    trials: int = 0  # measured (built and timed)
     failed: int = 0
-    pruned: int = 0
+    pruned: int = 0  # infeasible proposals (not built)
+    repeats: int = 0  # proposals of an already measured point (answered from the study)
     seconds: float = 0.0
     stale: int = 0  # stale DB records for this key that were reported and re-tuned
     failures: list[str] = field(default_factory=list)
@@ -180,8 +192,9 @@ def tuned_backends(op: str, target: Target) -> list[str]:
 
 
 def _study_name(target: Target, problem: Problem, m_bucket: int, versions: dict[str, str], backend: str = "tvm") -> str:
-    """One study per backend; the tvm study keeps its original name (resumable across this change)."""
-    name = f"moetune|{target.name}|{problem.signature}|M{m_bucket}|src={versions['source']}"
+    """One study per backend. `enc=2`: parameters index the narrowed choices (a study with the older encoding of
+    the full choices is not resumed into this one)."""
+    name = f"moetune|{target.name}|{problem.signature}|M{m_bucket}|src={versions['source']}|enc=2"
     return name if backend == "tvm" else f"{name}|{backend}"
 
 
@@ -241,7 +254,7 @@ def tune_op(
     studies = []
     baseline = None
     for backend in backends:
-        space = backend_info(backend).space(problem, ctx.target)
+        space = backend_info(backend).space(problem, ctx.target).narrowed()
         sampler = make_sampler(ctx.sampler, space, ctx.seed)
         study = _create_study(ctx, _study_name(ctx.target, problem, m, versions, backend), sampler)
         baseline = baseline or study.user_attrs.get("torch")
@@ -263,20 +276,13 @@ def tune_op(
 
 def _run_study(ctx, op_name, problem, m, trials, time_budget, versions, backend, space, study) -> None:
     """Enqueue the backend's default point and warm starts, then let the sampler explore its space."""
-    budget = 1 if not space.params else trials
     if not study.trials:
         default = backend_info(backend).default(problem, ctx.target)
         study.enqueue_trial(encode(space, default), user_attrs={"origin": "default"})
         for point in _warm_start(ctx, problem, m, space, versions, backend):
             study.enqueue_trial(encode(space, point), user_attrs={"origin": "warm-start"}, skip_if_exists=True)
 
-    def objective(trial: optuna.Trial) -> float:
-        point = suggest(trial, space)
-        violations = space.violations(point)
-        if violations:
-            trial.set_user_attr("pruned", "; ".join(violations))
-            raise optuna.TrialPruned()
-        trial.set_user_attr("config", point)
+    def measure(trial: optuna.Trial, point: Point) -> float:
         trial.set_user_attr("backend", backend)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # who ran it (many workers)
         res = _measure(ctx, m, op_name, backend, point)
@@ -297,24 +303,109 @@ def _run_study(ctx, op_name, problem, m, trials, time_budget, versions, backend,
                 "state": trial.state.name,
                 "value": trial.value,
                 "error": trial.user_attrs.get("error"),
+                "measured": bool(measured([trial])),  # False: pruned, or a repeat answered from the study
                 "study": study,
             }
         )
-        done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-        if done:
-            best_number = min(done, key=lambda t: t.value).number
-            if trial.number - best_number >= ctx.patience:
-                study.stop()  # no improvement for `patience` trials
 
-    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL, optuna.trial.TrialState.PRUNED)
-    remaining = budget - sum(t.state in finished for t in study.trials)
-    if remaining > 0:  # MaxTrialsCallback: the budget holds across all the workers sharing this study
-        budget_cb = optuna.study.MaxTrialsCallback(budget, states=finished)
+    explore(
+        study,
+        space,
+        measure,
+        trials,
+        patience=ctx.patience,
+        timeout=time_budget,
+        on_trial=on_trial,
+        settle=isinstance(ctx.storage, optuna.storages.RDBStorage),
+    )
+
+
+def measured(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+    """The trials that built and timed a candidate (complete or failed), in order: what a budget counts."""
+    states = optuna.trial.TrialState
+    return [t for t in trials if t.state in (states.COMPLETE, states.FAIL) and "repeat_of" not in t.user_attrs]
+
+
+def explore(
+    study: optuna.Study,
+    space: SearchSpace,
+    measure: Callable[[optuna.Trial, Point], float],
+    trials: int,
+    *,
+    patience: int | None = None,
+    timeout: float | None = None,
+    on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
+    settle: bool = False,
+) -> None:
+    """Let the study's sampler propose points of `space` until `trials` of them have been measured.
+
+    Only measurements count against the budget. An infeasible proposal is pruned (nothing is built; TPE ranks it
+    below every measured point), and a repeat of a point the study already measured gets that trial's result
+    back; neither is measured again. The study also stops once every feasible point is measured, after
+    `patience` measurements without a new best, after PROPOSALS_PER_TRIAL x `trials` proposals, or after `timeout`
+    seconds. A sampler whose last STALL proposals were all infeasible or repeats (GP's deterministic acquisition
+    does this) is given a random unmeasured feasible point as its next trial, so it cannot stall the search.
+    `measure(trial, point)` returns the p50 (ms) or raises TrialFailed. The budget holds across all the workers
+    sharing the study."""
+    budget = 1 if not space.params else trials
+    feasible = list(space.points())
+    states = optuna.trial.TrialState
+
+    def objective(trial: optuna.Trial) -> float:
+        point = suggest(trial, space)
+        violations = space.violations(point)
+        if violations:
+            trial.set_user_attr("pruned", "; ".join(violations))
+            raise optuna.TrialPruned()
+        trial.set_user_attr("config", point)
+        done = trial.study.get_trials(deepcopy=False, states=(states.COMPLETE, states.FAIL))
+        earlier = next((t for t in measured(done) if t.user_attrs.get("config") == point), None)
+        if earlier is None:
+            return measure(trial, point)
+        trial.set_user_attr("repeat_of", earlier.number)
+        for key in ("backend", "p20_ms", "p80_ms", "error"):
+            if key in earlier.user_attrs:
+                trial.set_user_attr(key, earlier.user_attrs[key])
+        if earlier.state == states.FAIL:
+            raise TrialFailed(earlier.user_attrs.get("error", "failed before"))
+        return earlier.value
+
+    def finished(study: optuna.Study) -> bool:
+        proposals = study.get_trials(deepcopy=False, states=(states.COMPLETE, states.FAIL, states.PRUNED))
+        spent = measured(proposals)
+        distinct = {_key(t.user_attrs.get("config")) for t in spent}
+        if len(spent) >= budget or len(distinct) >= len(feasible) or len(proposals) >= budget * PROPOSALS_PER_TRIAL:
+            return True
+        complete = [i for i, t in enumerate(spent) if t.state == states.COMPLETE]
+        if patience is None or not complete:
+            return False
+        best = min(complete, key=lambda i: spent[i].value)
+        return len(spent) - 1 - best >= patience
+
+    def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if on_trial:
+            on_trial(study, trial)
+        if finished(study):
+            study.stop()
+            return
+        recent = study.get_trials(deepcopy=False, states=(states.COMPLETE, states.FAIL, states.PRUNED))[-STALL:]
+        if len(recent) == STALL and not measured(recent) and not study.get_trials(states=(states.WAITING,)):
+            known = {_key(t.user_attrs.get("config")) for t in measured(study.get_trials(deepcopy=False))}
+            fresh = [p for p in feasible if _key(p) not in known]
+            if fresh:  # the sampler is stuck on infeasible or known points: give it a new one to learn from
+                point = random.Random(trial.number).choice(fresh)
+                study.enqueue_trial(encode(space, point), user_attrs={"origin": "unstick"})
+
+    if not finished(study):
         study.optimize(
-            objective, n_trials=remaining, timeout=time_budget, callbacks=[on_trial, budget_cb], catch=(TrialFailed,)
+            objective,
+            n_trials=budget * PROPOSALS_PER_TRIAL,
+            timeout=timeout,
+            callbacks=[callback],
+            catch=(TrialFailed,),
         )
-    if isinstance(ctx.storage, optuna.storages.RDBStorage):
-        _settle(study, objective, on_trial)
+    if settle:
+        _settle(study, objective, callback)
 
 
 def _settle(study: optuna.Study, objective, on_trial) -> None:
@@ -340,17 +431,19 @@ def _finish(ctx, studies, outcome: OpOutcome, key: KernelKey, versions, baseline
     """The winner over every backend's completed trials and the torch baseline; into the DB."""
     states = optuna.trial.TrialState
     complete, default = [], []
-    outcome.trials = outcome.failed = outcome.pruned = 0
+    outcome.trials = outcome.failed = outcome.pruned = outcome.repeats = 0
     outcome.failures = []
     for backend, _, study in studies:
         trials = study.trials
         done = [(backend, t) for t in trials if t.state == states.COMPLETE]
         complete += done
         default += [bt for bt in done if bt[1].user_attrs.get("origin") == "default"]
-        outcome.trials += sum(t.state != states.RUNNING and t.state != states.WAITING for t in trials)
-        outcome.failed += sum(t.state == states.FAIL for t in trials)
+        spent = measured(trials)
+        outcome.trials += len(spent)
+        outcome.failed += sum(t.state == states.FAIL for t in spent)
         outcome.pruned += sum(t.state == states.PRUNED for t in trials)
-        outcome.failures += [t.user_attrs.get("error", "") for t in trials if t.state == states.FAIL]
+        outcome.repeats += sum("repeat_of" in t.user_attrs for t in trials)
+        outcome.failures += [t.user_attrs.get("error", "") for t in spent if t.state == states.FAIL]
     outcome.default_p50_ms = default[0][1].value if default else math.nan  # the preferred backend's default
     best = min(complete, key=lambda bt: bt[1].value) if complete else None
     if best is not None and best[1].value < baseline["p50_ms"]:

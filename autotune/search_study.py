@@ -10,9 +10,9 @@ Data flow:
   2. simulate(table, sampler, trials, seed)  an Optuna study with the tuner's sampler (search.make_sampler),
      the tuner's parameter encoding (search.suggest) and its pruning of infeasible points, whose objective is
      a lookup of the MEASURED p50 in the table: cheap, and every sampler sees exactly the same (noisy) values.
-     A failed point fails the trial, a pruned point is a trial too (the tuner counts both against its
-     budget). The samplers do not know the budget, so the first 8/16/32 trials of a 64-trial run are the
-     8/16/32-trial runs.
+     It runs through the tuner's own `search.explore`: the narrowed space, infeasible proposals pruned and
+     repeats answered from the study, neither counted; a failed point is a measured trial. The samplers do not
+     know the budget, so the first 8/16/32 trials of a 64-trial run are the 8/16/32-trial runs.
   3. run_study(...)  per problem and sampler: trials until the best found is within 5% of the grid's best
      (median over seeds), and best-found / grid-best at each budget (median over seeds); tables and the plot are
      in search_study_report.py.
@@ -53,18 +53,6 @@ BUDGETS = (8, 16, 32, 64)
 WITHIN = 0.05  # "found": best-so-far within 5% of the grid's best
 
 
-def shrink_config(cfg: MoEConfig, factor: int) -> MoEConfig:
-    """H and I (and the shared width) divided by `factor` (at least 8): a smaller layer of the same structure."""
-    if factor == 1:
-        return cfg
-    return cfg.replace(
-        name=f"{cfg.name}/{factor}",
-        hidden_size=max(8, cfg.hidden_size // factor),
-        intermediate_size=max(8, cfg.intermediate_size // factor),
-        shared_intermediate_size=max(8, cfg.shared_intermediate_size // factor) if cfg.num_shared_experts else 0,
-    )
-
-
 @dataclass(frozen=True)
 class StudyProblem:
     preset: str
@@ -95,7 +83,7 @@ class StudyProblem:
         return self.name.replace("/", "_s").replace(":", "_")
 
     def config(self) -> MoEConfig:
-        return shrink_config(MoEConfig.preset(self.preset, dtype=self.dtype), self.shrink)
+        return MoEConfig.preset(self.preset, dtype=self.dtype).shrunk(self.shrink)
 
     def problem(self):
         from moetune.ir.program import lower
@@ -293,17 +281,19 @@ def load_grid(path: Path, space: SearchSpace | None = None, default: Point | Non
 
 # ---- 2. samplers against the measured table ---------------------------------------------------------------------
 def simulate(table: GridTable, sampler: str, trials: int, seed: int, states: list[str] | None = None) -> list[float]:
-    """Best p50 found after each trial (inf until the first completed trial) of one seeded Optuna study.
+    """Best p50 found after each measured trial (inf until the first completed one) of one seeded Optuna study
+    run by the tuner's own `search.explore` on the tuner's narrowed space, with a table lookup for the measurement.
 
-    `states`, if given, receives each trial's state (COMPLETE / PRUNED / FAIL) in order."""
+    The trace has `trials` entries; a study that stopped early (every feasible point measured, or the proposal
+    cap) keeps its final best. `states`, if given, receives each proposal's fate: COMPLETE / FAIL (measured),
+    PRUNED (infeasible) or REPEAT (an already measured point)."""
     import optuna
 
-    from moetune.autotune.search import TrialFailed, make_sampler, suggest
+    from moetune.autotune.search import TrialFailed, explore, make_sampler, measured
 
-    def objective(trial: optuna.Trial) -> float:
-        point = suggest(trial, table.space)
-        if table.space.violations(point):
-            raise optuna.TrialPruned()
+    space = table.space.narrowed()
+
+    def lookup(trial: optuna.Trial, point: Point) -> float:
         found = table.lookup(point)
         if found is None or not found.ok:
             raise TrialFailed(found.error if found else f"point {point} was not measured")
@@ -311,16 +301,16 @@ def simulate(table: GridTable, sampler: str, trials: int, seed: int, states: lis
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # experimental-sampler and independent-sampling notices
-        study = optuna.create_study(direction="minimize", sampler=make_sampler(sampler, table.space, seed))
-        study.optimize(objective, n_trials=trials, catch=(TrialFailed,))
+        study = optuna.create_study(direction="minimize", sampler=make_sampler(sampler, space, seed))
+        explore(study, space, lookup, trials)
     trace, best = [], math.inf
-    for t in study.trials:
+    for t in measured(study.trials):
         if t.state == optuna.trial.TrialState.COMPLETE:
             best = min(best, t.value)
         trace.append(best)
-        if states is not None:
-            states.append(t.state.name)
-    return trace
+    if states is not None:
+        states += ["REPEAT" if "repeat_of" in t.user_attrs else t.state.name for t in study.trials]
+    return (trace + [best] * trials)[:trials]
 
 
 def trials_to_within(trace: Sequence[float], target: float) -> int | None:
@@ -358,7 +348,7 @@ def run_study(
             for seed in range(seeds):
                 states: list[str] = []
                 runs.append(simulate(table, sampler, trials, seed, states))
-                pruned.append(states.count("PRUNED") / len(states))
+                pruned.append((states.count("PRUNED") + states.count("REPEAT")) / len(states))
                 if on_run:
                     on_run(table.name, sampler, seed)
             traces[f"{table.name}|{sampler}"] = runs
@@ -378,7 +368,7 @@ def run_study(
                     "trials_to_5pct": reached,
                     "median_trials_to_5pct": med,
                     "median_fraction_of_grid": med / feasible if med is not None else None,
-                    "pruned_fraction": statistics.median(pruned),  # trials spent on infeasible points
+                    "pruned_fraction": statistics.median(pruned),  # proposals not measured (infeasible, repeats)
                     "ratio_at": {b: statistics.median(r[b - 1] / best for r in runs) for b in budgets},
                 }
             )

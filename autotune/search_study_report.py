@@ -11,12 +11,11 @@ from moetune.autotune.search_study import WITHIN, targets
 
 
 def markdown(result: dict[str, Any]) -> str:
-    """The study's tables in Markdown: per problem and sampler, then the targets. `pruned`: median share of the
-    trials spent on infeasible points; `trials to 5%`: median over seeds (and as a share of the grid points)."""
+    """The study's tables in Markdown: per problem and sampler, then the targets. `free`: median share of the
+    proposals that were not measured (infeasible or repeats; they cost no trial); `trials to 5%`: median over
+    seeds (and as a share of the grid points)."""
     budgets = result["budgets"]
-    head = (
-        "| problem | grid pts | grid best ms | default/best | drift | pass spread | sampler | pruned | trials to 5% |"
-    )
+    head = "| problem | grid pts | grid best ms | default/best | drift | pass spread | sampler | free | trials to 5% |"
     head += "".join(f" best/grid @{b} |" for b in budgets)
     lines = [head, "|" + "---|" * (9 + len(budgets))]
     for r in result["summary"]:

@@ -35,14 +35,14 @@ def parse_duration(text: str | None) -> float | None:
     return total
 
 
-def _config(model: str | None, hf_config: str | None, dtype: str | None):
+def _config(model: str | None, hf_config: str | None, dtype: str | None, shrink: int = 1):
     from moetune.model import MoEConfig
 
     if (model is None) == (hf_config is None):
         fail("give exactly one of --model PRESET or --hf-config PATH")
     try:
         cfg = MoEConfig.preset(model) if model else MoEConfig.from_hf(hf_config)
-        return cfg.replace(dtype=dtype) if dtype else cfg
+        return (cfg.replace(dtype=dtype) if dtype else cfg).shrunk(shrink)
     except ValueError as exc:
         fail(str(exc))
 
@@ -67,8 +67,9 @@ class LiveView:
             )
         elif event["kind"] == "trial":
             row = self.rows[(event["m"], event["op"])]
-            row["trials"] += 1
-            row["failed"] += event["state"] == "FAIL"
+            if event.get("measured", True):  # pruned proposals and repeats cost no trial
+                row["trials"] += 1
+                row["failed"] += event["state"] == "FAIL"
             if event["value"] is not None:
                 row["best"] = min(v for v in (row["best"], event["value"]) if not math.isnan(v))
         elif event["kind"] == "study_end":
@@ -114,6 +115,9 @@ def tune_command(
         str, typer.Option("--m", help="Comma-separated token counts (each tuned as its M bucket).")
     ] = "1,16,256",
     dtype: Annotated[str | None, typer.Option(help="float32 | bfloat16 | float16 [default: the model's]")] = None,
+    shrink: Annotated[
+        int, typer.Option(min=1, help="Divide H and I by this (as `moetune bench --shrink`: tune what it times).")
+    ] = 1,
     trials: Annotated[int, typer.Option(min=1, help="Trials per op and M (a study resumes up to this).")] = 32,
     time_budget: Annotated[str | None, typer.Option(help="Wall-time budget for the whole run: 600, 10m, 1h.")] = None,
     sampler: Annotated[str, typer.Option(help="tpe | cmaes | gp | random | grid")] = "tpe",
@@ -152,7 +156,7 @@ def tune_command(
     from moetune.autotune.search import SAMPLERS, mask_url
     from moetune.autotune.tuner import tune
 
-    cfg = _config(model, hf_config, dtype)
+    cfg = _config(model, hf_config, dtype, shrink)
     ms = _parse_ints(m, "--m")
     gpu_target = _gpu_target(target, prepare)
     if prepare:
@@ -170,6 +174,7 @@ def tune_command(
             target=target,
             m=m,
             dtype=dtype,
+            shrink=shrink if shrink > 1 else None,
             trials=trials,
             time_budget=time_budget,
             sampler=sampler,

@@ -161,6 +161,18 @@ class MoEConfig:
     def replace(self, **changes: Any) -> MoEConfig:
         return dataclasses.replace(self, **changes)
 
+    def shrunk(self, factor: int) -> MoEConfig:
+        """H and I (and the shared width) divided by `factor` (at least 8), named "<name>/<factor>": a smaller
+        layer of the same structure (experts, top-k, router) for quick benchmarks, tuning and studies."""
+        if factor == 1:
+            return self
+        return self.replace(
+            name=f"{self.name}/{factor}",
+            hidden_size=max(8, self.hidden_size // factor),
+            intermediate_size=max(8, self.intermediate_size // factor),
+            shared_intermediate_size=max(8, self.shared_intermediate_size // factor) if self.num_shared_experts else 0,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

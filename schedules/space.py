@@ -7,6 +7,7 @@ template applies one point. A point is a plain dict {param name: value}.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -64,6 +65,23 @@ class SearchSpace:
     def points(self) -> Iterator[Point]:
         """Every feasible point."""
         return (pt for pt in self.grid() if self.is_feasible(pt))
+
+    def narrowed(self, limit: int = 200_000) -> SearchSpace:
+        """The same space with each parameter's choices cut to those that occur in some feasible point.
+
+        What a sampler draws from: a choice no feasible point uses (mt not dividing BM, a panel wider than the
+        output) can only ever produce pruned proposals. The feasible points, and the constraints, are unchanged.
+        Spaces whose full grid exceeds `limit` points are returned as they are (too large to enumerate)."""
+        if not self.params or math.prod(len(p.choices) for p in self.params) > limit:
+            return self
+        used: dict[str, set] = {p.name: set() for p in self.params}
+        for point in self.points():
+            for name, value in point.items():
+                used[name].add(value)
+        if not any(used.values()):
+            return self  # nothing is feasible: keep the full choices so the violations can be reported
+        params = tuple(Param(p.name, tuple(c for c in p.choices if c in used[p.name]), p.doc) for p in self.params)
+        return SearchSpace(self.op, params, self.constraints)
 
     def describe(self) -> dict[str, Any]:
         return {

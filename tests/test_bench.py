@@ -27,7 +27,6 @@ from moetune.autotune.bench import (  # noqa: E402
 from moetune.autotune.bench_hf import family, hf_block  # noqa: E402
 from moetune.autotune.cli import app  # noqa: E402
 from moetune.autotune.roofline import Machine, expert_bytes, experts_touched, layer_bytes  # noqa: E402
-from moetune.autotune.search_study import shrink_config  # noqa: E402
 from moetune.model import MoEConfig  # noqa: E402
 from moetune.model.hf_block import hf_block_config, hf_block_weights  # noqa: E402
 
@@ -47,7 +46,7 @@ MACHINE = Machine({"float32": 100.0, "bfloat16": 5.0}, read_gbs=10.0, copy_gbs=8
 def tiny(preset: str, dtype: str = "float32") -> MoEConfig:
     """H = 64: every width stays a multiple of 16 bytes (grouped_mm's requirement)."""
     c = MoEConfig.preset(preset, dtype=dtype)
-    c = shrink_config(c, c.hidden_size // 64)
+    c = c.shrunk(c.hidden_size // 64)
     c = c.replace(intermediate_size=32, shared_intermediate_size=32 if c.num_shared_experts else 0)
     return c.replace(
         num_experts=min(c.num_experts, 16),

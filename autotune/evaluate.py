@@ -143,6 +143,31 @@ def _to(value, device: torch.device):
     return value
 
 
+@lru_cache(maxsize=4)
+def _inputs(cfg_json: str, target_name: str, m: int, op: str, seed: int) -> tuple[list, list]:
+    """The op's verification cases [(name, args, reference output, error limit)] and three timing input sets.
+
+    They depend on the problem and the seed, not on the candidate, so a worker makes them once per study (the
+    torch backend's upstream ops and the reference take most of a trial's time otherwise)."""
+    layer = _layer(cfg_json)
+    cfg = layer.cfg
+    target = resolve_target(target_name)
+    program = lower(cfg, m, target_kind=target.kind)
+    problem = program.op(op)
+    gen = torch.Generator().manual_seed(seed + 1)
+    checks = []
+    for name, t, one in (("T=1", 1, False), ("one-expert", max(2, m // 2), True), (f"T={m}", m, False)):
+        x = torch.randn(t, cfg.hidden_size, generator=gen).to(cfg.torch_dtype)
+        args = _case(layer, program, op, x, one)
+        want = _reference(program, op, args)
+        limit = 1e-4
+        if cfg.dtype != "float32" and problem.op in ("gemm1", "gemm2"):
+            limit = 2 * _error(problem.op, get_impl(problem.op, "torch").fn(problem, TORCH, target, *args), want) + 1e-3
+        checks.append((name, args, want, limit))
+    sets = [_case(layer, program, op, torch.randn(m, cfg.hidden_size).to(cfg.torch_dtype), False) for _ in range(3)]
+    return checks, sets
+
+
 def evaluate(task: Task) -> Result:
     started = time.monotonic()
     for module in task.imports:
@@ -169,21 +194,11 @@ def evaluate(task: Task) -> Result:
             torch.cuda.synchronize()
         return out
 
+    checks, sets = _inputs(cfg_json, task.target, task.m_tokens, task.op, task.seed)
     # 1. verify on fresh inputs and edge cases (T = 1, one expert takes every token, the study's T)
-    gen = torch.Generator().manual_seed(task.seed + 1)
     worst = 0.0
-    for name, t, one in (
-        ("T=1", 1, False),
-        ("one-expert", max(2, task.m_tokens // 2), True),
-        (f"T={task.m_tokens}", task.m_tokens, False),
-    ):
-        x = torch.randn(t, cfg.hidden_size, generator=gen).to(cfg.torch_dtype)
-        args = _case(layer, program, task.op, x, one)
-        want = _reference(program, task.op, args)
+    for name, args, want, limit in checks:
         err = _error(problem.op, run(args), want)
-        limit = 1e-4
-        if cfg.dtype != "float32" and problem.op in ("gemm1", "gemm2"):
-            limit = 2 * _error(problem.op, get_impl(problem.op, "torch").fn(problem, TORCH, target, *args), want) + 1e-3
         if not err <= limit:
             return Result(
                 False,
@@ -193,10 +208,6 @@ def evaluate(task: Task) -> Result:
             )
         worst = max(worst, err)
     # 2. time on rotating inputs of the study's T
-    sets = [
-        _case(layer, program, task.op, torch.randn(task.m_tokens, cfg.hidden_size).to(cfg.torch_dtype), False)
-        for _ in range(3)
-    ]
     sets = [_to(args, device) for args in sets]
     with torch.no_grad():
         timing = measure(run_timed, sets, warmup=task.warmup, repeat=task.repeat)

@@ -1,6 +1,7 @@
 """This machine's roofline, measured in the run that uses it, and the work and traffic of one MoE layer forward.
 
-Ceilings (torch on the threads the benchmark uses, median of several calls):
+Ceilings (torch on the threads the benchmark uses, the fastest of several calls: a ceiling is the best the
+machine does, and a busy neighbour only ever slows a call down; a median let one noisy run halve the bandwidth):
   peak GFLOP/s   a square N x N x N matmul per dtype (fp32 sgemm; bf16/fp16 where torch has a CPU kernel)
   read GB/s      summing a large fp32 tensor (every byte read once; what streaming weights needs)
   copy GB/s      copying a large fp32 tensor, counted as read + write (reported, not used for the roof)
@@ -15,7 +16,6 @@ the shared expert's weights, biases, and the activations in and out (T x H each)
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass
 
@@ -42,14 +42,14 @@ class Machine:
         return min(self.peak_for(dtype), self.read_gbs * flops / nbytes)
 
 
-def _median_seconds(fn, calls: int) -> float:
+def _fastest_seconds(fn, calls: int) -> float:
     fn()  # warm-up: page faults, oneDNN kernel selection
     samples = []
     for _ in range(calls):
         start = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+    return min(samples)
 
 
 def measure_matmul(dtype: str, n: int = 2048, calls: int = 5, call_budget_s: float = 2.0) -> tuple[float, int]:
@@ -62,8 +62,8 @@ def measure_matmul(dtype: str, n: int = 2048, calls: int = 5, call_budget_s: flo
     for size in sorted({min(n, 256), min(n, 512), min(n, 1024), n}):
         a, b = torch.randn(size, size).to(dt), torch.randn(size, size).to(dt)
         seconds = min(
-            _median_seconds(lambda a=a, b=b: torch.mm(a, b), calls),
-            _median_seconds(lambda a=a, b=b: torch.nn.functional.linear(a, b), calls),
+            _fastest_seconds(lambda a=a, b=b: torch.mm(a, b), calls),
+            _fastest_seconds(lambda a=a, b=b: torch.nn.functional.linear(a, b), calls),
         )
         rate = 2 * size**3 / seconds / 1e9
         bigger = next((s for s in (512, 1024, n) if s > size), None)
@@ -76,8 +76,8 @@ def measure_bandwidth(nbytes: int = 1 << 30, calls: int = 5) -> tuple[float, flo
     """(read GB/s, copy GB/s) over an fp32 tensor of `nbytes` (far larger than any cache)."""
     src = torch.rand(nbytes // 4)
     dst = torch.empty_like(src)
-    read = nbytes / _median_seconds(lambda: src.sum(), calls) / 1e9
-    copy = 2 * nbytes / _median_seconds(lambda: dst.copy_(src), calls) / 1e9
+    read = nbytes / _fastest_seconds(lambda: src.sum(), calls) / 1e9
+    copy = 2 * nbytes / _fastest_seconds(lambda: dst.copy_(src), calls) / 1e9
     return read, copy
 
 

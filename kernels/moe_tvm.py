@@ -2,7 +2,9 @@
 
 Each launcher checks shapes, allocates its outputs and calls the compiled module on torch tensors directly
 (DLPack, no copies). Weights are packed into the panel layout of ir/tvm_ir.py once and memoised per
-(tensor, version, panel width): an in-place update of a parameter bumps its version and forces a repack.
+(tensor, version, panel width): an in-place update of a parameter bumps its version and forces a repack. At
+most MAX_LAYOUTS panel widths are kept per weight (least recently used dropped): each is a full copy, and a
+tuner trying every width on a Mixtral-size layer would otherwise hold four (the worker was OOM-killed at 24 GB).
 The GEMMs run on the used blocks of an align output (`Aligned.trimmed`, a free host read on the CPU), so one
 with empty trailing blocks (kernels/ops.py) works too; gemm1 zeroes those blocks' rows.
 Legend: T tokens, H hidden, I intermediate, E experts, K top-k, BM rows per block, NB blocks, P panel.
@@ -25,6 +27,8 @@ from moetune.schedules import cpu
 register_backend("tvm", space=cpu.space, default=cpu.default_point)
 
 _PACKED: dict[tuple, tuple[weakref.ref, torch.Tensor]] = {}
+MAX_LAYOUTS = 2  # packed copies kept per weight (e.g. a decode and a prefill panel width)
+_LAYOUTS: dict[tuple, list[tuple]] = {}  # (owner id, part, interleave) -> its _PACKED keys, least recent first
 
 
 def pack_panels(w: torch.Tensor, panel: int) -> torch.Tensor:
@@ -73,14 +77,27 @@ def _packed(source: torch.Tensor, part: slice, panel: int, interleave: int | Non
         panel,
         interleave,
     )
+    group = (id(owner), part.start, part.stop, interleave)
+    recent = _LAYOUTS.setdefault(group, [])
     hit = _PACKED.get(key)
     if hit is not None and hit[0]() is owner:
+        recent.remove(key)
+        recent.append(key)
         return hit[1]
+    while len(recent) >= MAX_LAYOUTS:
+        _PACKED.pop(recent.pop(0), None)
     w = source.detach()
     packed = pack_panels(w[:, part], panel) if interleave is None else pack_gate_up(w, interleave, panel)
     _PACKED[key] = (weakref.ref(owner), packed)
-    weakref.finalize(owner, _PACKED.pop, key, None)
+    recent.append(key)
+    weakref.finalize(owner, _forget, key, group)
     return packed
+
+
+def _forget(key: tuple, group: tuple) -> None:
+    """An owner was freed: drop its packed copy and its layout list."""
+    _PACKED.pop(key, None)
+    _LAYOUTS.pop(group, None)
 
 
 @register_impl("route", "tvm")

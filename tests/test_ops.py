@@ -493,3 +493,28 @@ def test_default_point_of_every_op_is_feasible(backend, target):
             for op in lower(cfg, t):
                 point = info.default(op.problem, target)
                 assert info.space(op.problem, target).is_feasible(point), (cfg.name, t, op.name, point)
+
+
+def test_packed_weights_are_memoised_with_at_most_max_layouts_per_weight():
+    """A packed copy is reused while its weight is unchanged; an in-place update repacks; at most MAX_LAYOUTS
+    panel widths are kept per weight (least recently used dropped), so trying every width cannot pile up copies."""
+    from moetune.kernels import moe_tvm
+
+    w = torch.randn(2, 16, 8)
+    full = slice(None)
+
+    def mine() -> list:
+        return [key for key, (owner, _) in moe_tvm._PACKED.items() if owner() is w]
+
+    p8 = moe_tvm._packed(w, full, 8)
+    assert moe_tvm._packed(w, full, 8) is p8  # memoised
+    assert torch.equal(p8, moe_tvm.pack_panels(w, 8))
+    p16 = moe_tvm._packed(w, full, 16)
+    assert moe_tvm._packed(w, full, 8) is p8 and len(mine()) == 2  # 8 is now the most recent
+    moe_tvm._packed(w, full, 4)  # a third width drops the least recently used one (16)
+    assert len(mine()) == moe_tvm.MAX_LAYOUTS == 2
+    assert moe_tvm._packed(w, full, 8) is p8 and moe_tvm._packed(w, full, 16) is not p16
+    with torch.no_grad():
+        w.mul_(2)  # in-place update: the version changes, the layout is packed again from the new values
+    assert torch.equal(moe_tvm._packed(w, full, 8), moe_tvm.pack_panels(w, 8))
+    assert len(mine()) <= 2

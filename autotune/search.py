@@ -21,19 +21,16 @@ import json
 import math
 import os
 import random
-import re
 import socket
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import optuna
-import sqlalchemy
 
 from moetune.autotune.db import KernelDB, KernelKey, KernelRecord, current_versions
+from moetune.autotune.storage import create_study, settle_study
 from moetune.autotune.worker import Task, Worker
 from moetune.ir.program import Problem
 from moetune.kernels.registry import backend_info, backends_for
@@ -98,59 +95,6 @@ def encode(space: SearchSpace, point: Point) -> dict[str, Any]:
 
 def _key(point: Point | None) -> str:
     return json.dumps(point, sort_keys=True)
-
-
-def mask_url(text: str) -> str:
-    """Hide the password of every URL in a text (storage and DB URLs must never be printed with it)."""
-    return re.sub(r"(\w[\w+.-]*://[^:/@\s]+):[^@\s]*@", r"\1:***@", text)
-
-
-def _heartbeat() -> tuple[int, int]:
-    """(interval, grace) seconds of the RDB heartbeat; MOETUNE_HEARTBEAT="interval,grace" overrides."""
-    raw = os.environ.get("MOETUNE_HEARTBEAT", "10,40")
-    interval, grace = (int(v) for v in raw.split(","))
-    return interval, grace
-
-
-def open_storage(storage: str | None, default_dir: Path):
-    """None -> a journal file under the cache dir; a URL -> Optuna RDB with heartbeats; a path -> a journal.
-
-    Journal files serve several processes on one host; an RDB URL (PostgreSQL) serves many hosts. With an
-    RDB, every running trial sends a heartbeat: a worker killed mid-trial leaves a trial that the next
-    worker marks FAIL once the grace period has passed, and re-enqueues once (RetryHeartbeatStaleTrialCallback).
-    """
-    if storage and "://" in storage:
-        interval, grace = _heartbeat()
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
-            return optuna.storages.RDBStorage(
-                storage,
-                heartbeat_interval=interval,
-                grace_period=grace,
-                heartbeat_stale_trial_callback=retry,
-                engine_kwargs={"pool_pre_ping": True},
-            )
-        except Exception as exc:
-            raise ValueError(f"cannot open the Optuna storage: {mask_url(' '.join(str(exc).split()))[:300]}") from None
-    path = Path(storage) if storage else default_dir / "studies.journal"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-    return JournalStorage(JournalFileBackend(str(path)))
-
-
-def _create_study(ctx: StudyContext, name: str, sampler: optuna.samplers.BaseSampler) -> optuna.Study:
-    """create-or-load, tolerating another worker creating the same study at the same moment."""
-    for attempt in range(5):
-        try:
-            return optuna.create_study(
-                study_name=name, storage=ctx.storage, sampler=sampler, direction="minimize", load_if_exists=True
-            )
-        except (optuna.exceptions.DuplicatedStudyError, sqlalchemy.exc.IntegrityError):
-            time.sleep(0.2 * (attempt + 1))
-    return optuna.load_study(study_name=name, storage=ctx.storage, sampler=sampler)
 
 
 @dataclass
@@ -263,7 +207,7 @@ def tune_op(
     for backend in backends:
         space = backend_info(backend).space(problem, ctx.target).narrowed()
         sampler = make_sampler(ctx.sampler, space, ctx.seed)
-        study = _create_study(ctx, _study_name(ctx.target, problem, m, versions, backend), sampler)
+        study = create_study(ctx.storage, _study_name(ctx.target, problem, m, versions, backend), sampler)
         baseline = baseline or study.user_attrs.get("torch")
         studies.append((backend, space, study))
     if baseline is None:
@@ -412,26 +356,7 @@ def explore(
             catch=(TrialFailed,),
         )
     if settle:
-        _settle(study, objective, callback)
-
-
-def _settle(study: optuna.Study, objective, on_trial) -> None:
-    """Before a worker leaves a study: wait (up to the heartbeat grace period) for running trials to finish or
-    go stale, fail the stale ones (a dead worker's; RetryHeartbeatStaleTrialCallback re-enqueues them) and run what
-    was re-enqueued, so no trial stays RUNNING and no enqueued work is left behind."""
-    interval, grace = _heartbeat()
-    states = optuna.trial.TrialState
-    deadline = time.monotonic() + grace + 2 * interval
-    while time.monotonic() < deadline:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)
-        if not study.get_trials(deepcopy=False, states=(states.RUNNING,)):
-            break
-        time.sleep(interval)
-    waiting = study.get_trials(deepcopy=False, states=(states.WAITING,))
-    if waiting:
-        study.optimize(objective, n_trials=len(waiting), callbacks=[on_trial], catch=(TrialFailed,))
+        settle_study(study, objective, callback, (TrialFailed,))
 
 
 def _finish(ctx, studies, outcome: OpOutcome, key: KernelKey, versions, baseline, started: float) -> OpOutcome:

@@ -153,7 +153,8 @@ def tune_command(
     """Tune every op of a model's MoE layer for a target; winners go into the kernel DB."""
     from moetune.autotune.cli import _parse_ints
     from moetune.autotune.db import KernelDBError
-    from moetune.autotune.search import SAMPLERS, mask_url
+    from moetune.autotune.search import SAMPLERS
+    from moetune.autotune.storage import mask_url
     from moetune.autotune.tuner import tune
 
     cfg = _config(model, hf_config, dtype, shrink)

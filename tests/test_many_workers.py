@@ -145,7 +145,7 @@ def test_credentials_are_never_printed(tmp_path):
 
 
 def test_mask_url():
-    from moetune.autotune.search import mask_url
+    from moetune.autotune.storage import mask_url
 
     text = "failed for postgresql+psycopg://bob:s3cr3t@db.example:5432/tune and sqlite:///x.db"
     assert mask_url(text) == "failed for postgresql+psycopg://bob:***@db.example:5432/tune and sqlite:///x.db"

@@ -17,6 +17,9 @@ BACKENDS = ("tvm", "torch", "triton", "tvm_cuda")  # every backend
 # Preference order per target kind, when nothing else is said: the compiled backend first, torch as the fallback.
 # tvm_cuda: TVM-scheduled CUDA-core kernels (cubins launched by CuPy); triton's tensor-core GEMMs come first on CUDA.
 PREFERENCE = {"cpu": ("tvm", "torch", "triton", "tvm_cuda"), "cuda": ("triton", "tvm_cuda", "torch", "tvm")}
+# The target kinds each backend can run on, known before its module is imported: choosing backends for a GPU
+# never imports the CPU TVM backend (a deployed GPU model needs no TVM; the tvm backend cannot even import without).
+BACKEND_TARGETS = {"tvm": ("cpu",), "torch": ("cpu", "cuda"), "triton": ("cuda",), "tvm_cuda": ("cuda",)}
 # Modules that register implementations when imported (kept lazy: importing TVM takes seconds).
 _BACKEND_MODULES = {
     "torch": "moetune.kernels.moe_torch",
@@ -109,6 +112,8 @@ def backends_for(op: str, target_kind: str, allowed: tuple[str, ...] = BACKENDS)
     order = PREFERENCE.get(target_kind, BACKENDS)
     found = []
     for backend in sorted(allowed, key=lambda b: order.index(b) if b in order else len(order)):
+        if target_kind not in BACKEND_TARGETS.get(backend, (target_kind,)):
+            continue
         _load(backend)
         info = _REGISTRY.get((op, backend))
         if info is not None and target_kind in info.targets:

@@ -155,3 +155,30 @@ def test_bad_configs_are_clear_errors():
         restricted(torch.randn(3, 40))
     with pytest.raises(ValueError, match=r"TunedMoE expects x\[\.\.\., 40\]"):
         TunedMoE.from_module(ref)(torch.randn(3, 41))
+
+
+def test_gpu_plan_needs_no_tvm():
+    """A model planned for a GPU chooses among triton / tvm_cuda / torch without importing TVM (a deployment
+    image has none; the CPU tvm backend cannot even be imported there)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['tvm'] = None\n"
+        "from moetune.model import MoE, MoEConfig, TunedMoE\n"
+        "from moetune.kernels.registry import BACKEND_TARGETS, backends_for, get_impl\n"
+        "cfg = MoEConfig(hidden_size=64, intermediate_size=32, num_experts=4, top_k=2, num_shared_experts=1,"
+        " shared_intermediate_size=32)\n"
+        "plan = TunedMoE.from_module(MoE(cfg), target='sm_90', db=False).describe(4)\n"
+        "assert {c['backend'] for c in plan} == {'triton'}, plan\n"
+        "assert backends_for('gemm1', 'cuda') == ['triton', 'tvm_cuda', 'torch']\n"
+        "for backend, kinds in BACKEND_TARGETS.items():\n"
+        "    if backend != 'tvm':\n"
+        "        for op in ('route', 'align', 'gemm1', 'gemm2'):\n"
+        "            try: info = get_impl(op, backend)\n"
+        "            except ValueError: continue\n"
+        "            assert set(info.targets) <= set(kinds), (backend, op, info.targets)\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]

@@ -7,7 +7,10 @@ znver3 host) compiles fine and then dies with SIGILL.
 
 GPU targets: `sm_80`, `sm_86`, `sm_89`, `sm_90` (or `cuda -arch=sm_XY`) name an architecture explicitly and need
 no GPU (that is how `moetune tune --target sm_90 --prepare` compiles for a GPU on a CPU machine); `cuda` means
-the first detected GPU. `GPU_LIMITS` holds the per-architecture resources the ahead-of-time feasibility checks
+the first detected GPU, named by architecture and device: `cuda -arch=sm_90 -device=nvidia-h100-80gb-hbm3`. Two
+GPUs of one architecture (an H100 and an H200) have different bandwidths and tune to different winners, so
+winners are stored under the device's name; a lookup falls back to the architecture's records
+(`Target.lookup_names`). `GPU_LIMITS` holds the per-architecture resources the ahead-of-time feasibility checks
 use (CUDA C Programming Guide, "Technical Specifications per Compute Capability").
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
@@ -68,7 +72,7 @@ def cuda_gpus() -> list[dict[str, Any]]:
                 "kind": "cuda",
                 "name": p.name,
                 "index": index,
-                "target": f"cuda -arch={arch}",
+                "target": f"cuda -arch={arch} -device={device_slug(p.name)}",
                 "arch": arch,
                 "compute_capability": f"{p.major}.{p.minor}",
                 "sm_count": p.multi_processor_count,
@@ -76,6 +80,12 @@ def cuda_gpus() -> list[dict[str, Any]]:
             }
         )
     return gpus
+
+
+def device_slug(name: str) -> str:
+    """A GPU's name as a target token: lower case, runs of other characters as '-' (NVIDIA H100 80GB HBM3 ->
+    nvidia-h100-80gb-hbm3)."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def detect_targets() -> list[dict[str, Any]]:
@@ -115,7 +125,22 @@ class Target:
     @property
     def arch(self) -> str | None:
         """`sm_XY` of a CUDA target, None for a CPU."""
-        return self.name.split("-arch=", 1)[1] if self.kind == "cuda" else None
+        found = re.search(r"-arch=(\S+)", self.name) if self.kind == "cuda" else None
+        return found.group(1) if found else None
+
+    @property
+    def device(self) -> str | None:
+        """The GPU's name (slug) when the target names one, else None."""
+        found = re.search(r"-device=(\S+)", self.name) if self.kind == "cuda" else None
+        return found.group(1) if found else None
+
+    @property
+    def lookup_names(self) -> tuple[str, ...]:
+        """The kernel DB target strings to look winners up under, most specific first: a GPU device's own,
+        then its architecture's (records tuned before devices were named, or on another GPU of the arch)."""
+        if self.device is None:
+            return (self.name,)
+        return (self.name, f"cuda -arch={self.arch}")
 
     @property
     def capability(self) -> int | None:
@@ -127,10 +152,11 @@ class Target:
         return GPU_LIMITS.get(self.arch) if self.kind == "cuda" else None
 
 
-def _cuda_target(arch: str) -> Target:
+def _cuda_target(arch: str, device: str | None = None) -> Target:
     if arch not in GPU_LIMITS:
         raise ValueError(f"unknown CUDA architecture {arch!r}; known: {', '.join(GPU_LIMITS)}")
-    return Target("cuda", f"cuda -arch={arch}", {"kind": "cuda", "arch": arch})
+    name = f"cuda -arch={arch}" + (f" -device={device_slug(device)}" if device else "")
+    return Target("cuda", name, {"kind": "cuda", "arch": arch})
 
 
 @cache
@@ -146,14 +172,17 @@ def resolve_target(spec: str | Target = "cpu") -> Target:
         return Target("cpu", f"llvm -mcpu={mcpu}", {"kind": "llvm", "mcpu": mcpu})
     spec = spec.strip()
     if spec.startswith("cuda -arch="):
-        return _cuda_target(spec.split("=", 1)[1].strip())
+        found = re.fullmatch(r"cuda -arch=(\S+)(?: -device=(\S+))?", spec)
+        if not found:
+            raise ValueError(f"bad CUDA target {spec!r}; want 'cuda -arch=sm_XY' or 'cuda -arch=sm_XY -device=NAME'")
+        return _cuda_target(found.group(1), found.group(2))
     if spec.startswith("sm_"):
         return _cuda_target(spec)
     if spec in ("cuda", "gpu"):
         gpus = cuda_gpus()
         if not gpus:
             raise ValueError(f"no CUDA GPU found for target 'cuda'; name an architecture: {', '.join(GPU_LIMITS)}")
-        return _cuda_target(gpus[0]["arch"])
+        return _cuda_target(gpus[0]["arch"], gpus[0]["name"])
     raise ValueError(
         f"unknown target {spec!r}; use 'cpu', 'llvm -mcpu=<cpu>', 'cuda' or a CUDA architecture "
         f"({', '.join(GPU_LIMITS)})"

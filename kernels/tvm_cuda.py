@@ -76,7 +76,7 @@ def cache_dir() -> Path:
 
 
 def cache_key(problem: Problem, point: dict[str, Any], target: Target) -> str:
-    blob = {"sig": problem.signature, "point": point, "target": target.name, "tvm": _tvm_version()}
+    blob = {"sig": problem.signature, "point": point, "target": f"cuda -arch={target.arch}", "tvm": _tvm_version()}
     blob["src"] = kernel_source_hash()
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:32]
 

@@ -21,6 +21,7 @@ the nearest target of the same kind (a CPU's tuned points compile for this CPU t
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import warnings
@@ -201,15 +202,25 @@ def _target_kind(name: str) -> str | None:
     return None
 
 
+def _retarget(record: Any, target_name: str) -> Any:
+    """The record as if it had been tuned for `target_name` (a fallback's winners, served under our key)."""
+    return dataclasses.replace(record, key=dataclasses.replace(record.key, target=target_name))
+
+
 def kernel_db_for(root: Path, target: Any) -> Any:
     """An in-memory kernel DB of the package's records for `target`, with the fallbacks of the module doc."""
-    from moetune.autotune.db import KernelKey, KernelRecord, MemoryKernelDB
+    from moetune.autotune.db import KernelRecord, MemoryKernelDB
 
     data = json.loads((root / KERNELS).read_text())
     records = [KernelRecord.from_dict(r) for r in data.get("records", [])]
     for unknown in sorted({r.key.target for r in records if _target_kind(r.key.target) is None}):
         warnings.warn(f"moetune: kernel records for unknown target {unknown!r} are ignored", stacklevel=3)
-    mine = [r for r in records if r.key.target == target.name]
+    for name in target.lookup_names:  # a GPU device's own records, then its architecture's
+        mine = [r for r in records if r.key.target == name]
+        if mine:
+            break
+    if mine and mine[0].key.target != target.name:
+        mine = [_retarget(r, target.name) for r in mine]
     if not mine:
         same_kind = sorted({r.key.target for r in records if _target_kind(r.key.target) == target.kind})
         if same_kind:
@@ -217,27 +228,7 @@ def kernel_db_for(root: Path, target: Any) -> Any:
             warnings.warn(
                 f"moetune: no kernel records for {target.name}; using those tuned for {nearest}", stacklevel=3
             )
-            mine = [
-                KernelRecord(
-                    KernelKey(target.name, r.key.op, r.key.dtype, r.key.m_bucket),
-                    **{
-                        f: getattr(r, f)
-                        for f in (
-                            "versions",
-                            "backend",
-                            "config",
-                            "p20_ms",
-                            "p50_ms",
-                            "p80_ms",
-                            "baseline_p50_ms",
-                            "trials",
-                            "created_at",
-                        )
-                    },
-                )
-                for r in records
-                if r.key.target == nearest
-            ]
+            mine = [_retarget(r, target.name) for r in records if r.key.target == nearest]
         elif records or data.get("records") is not None:
             warnings.warn(
                 f"moetune: the package has no kernel records for {target.name}; using default kernels", stacklevel=3

@@ -195,9 +195,10 @@ class TunedMoE(nn.Module):
     def _from_db(self, name: str, problem: Problem, bucket: int) -> tuple[KernelConfig | None, str]:
         from moetune.autotune.db import KernelKey, current_versions
 
-        found = self.db.lookup(
-            KernelKey(self.target.name, problem.signature, problem.dtype, bucket), current_versions()
-        )
+        for target_name in self.target.lookup_names:  # a GPU's own records, then its architecture's
+            found = self.db.lookup(KernelKey(target_name, problem.signature, problem.dtype, bucket), current_versions())
+            if found.record is not None:
+                break
         if found.stale:
             warnings.warn(
                 f"moetune: {len(found.stale)} stale kernel record(s) for {name} ({problem.signature}, M={bucket}) "

@@ -154,3 +154,17 @@ def test_hf_causal_lm_round_trip_with_tokenizer(tmp_path):
         a = model.generate(ids, max_new_tokens=4, do_sample=False)
         b = loaded.generate(ids, max_new_tokens=4, do_sample=False)
     assert torch.equal(a, b)
+
+
+def test_a_gpu_uses_its_architecture_records_without_a_warning(tmp_path):
+    """Records tuned for `cuda -arch=sm_90` serve an H200 (`... -device=nvidia-h200`) before any other arch's."""
+    from moetune.model.packaging import KERNELS, kernel_db_for
+
+    records = [r.to_dict() for t in ("cuda -arch=sm_80", "cuda -arch=sm_90") for r in _db(t).records()]
+    (tmp_path / KERNELS).write_text(json.dumps({"records": records}))
+    h200 = resolve_target("cuda -arch=sm_90 -device=nvidia-h200")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        db = kernel_db_for(tmp_path, h200)
+    assert {r.key.target for r in db.records()} == {h200.name}
+    assert len(db.records()) == 1

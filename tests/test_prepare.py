@@ -20,7 +20,7 @@ from moetune.autotune import prepare as prep
 from moetune.autotune.cli import app
 from moetune.ir.program import Problem, lower
 from moetune.kernels.registry import backends_for
-from moetune.kernels.target import GPU_LIMITS, cuda_gpus, resolve_target
+from moetune.kernels.target import GPU_LIMITS, cuda_gpus, device_slug, resolve_target
 from moetune.model import MoEConfig
 from moetune.schedules import triton as spaces
 
@@ -48,6 +48,49 @@ def test_cuda_targets_resolve_without_a_gpu():
     if not cuda_gpus():
         with pytest.raises(ValueError, match="no CUDA GPU found"):
             resolve_target.__wrapped__("cuda")
+
+
+def test_a_gpu_device_target_keeps_its_arch_and_falls_back_to_it():
+    """`cuda` resolves to the GPU's arch and name; its winners are looked up under both, the device's first."""
+    t = resolve_target("cuda -arch=sm_90 -device=nvidia-h200")
+    assert (t.kind, t.arch, t.device, t.capability, t.limits) == (
+        "cuda",
+        "sm_90",
+        "nvidia-h200",
+        90,
+        GPU_LIMITS["sm_90"],
+    )
+    assert t.lookup_names == ("cuda -arch=sm_90 -device=nvidia-h200", "cuda -arch=sm_90")
+    assert resolve_target("sm_90").lookup_names == ("cuda -arch=sm_90",)
+    assert device_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    with pytest.raises(ValueError, match="bad CUDA target"):
+        resolve_target("cuda -arch=sm_90 -gpu=x")
+
+
+def test_tuned_moe_uses_the_device_records_then_the_arch_records():
+    from moetune.autotune.db import KernelKey, KernelRecord, MemoryKernelDB, current_versions
+    from moetune.model import MoE, TunedMoE
+
+    cfg = MoEConfig(hidden_size=64, intermediate_size=32, num_experts=4, top_k=2, dtype="bfloat16")
+    device = resolve_target("cuda -arch=sm_90 -device=nvidia-h200")
+    problem = lower(cfg, 16, "cuda").op("experts.gemm1")
+    point = dict(spaces.default_point(problem, device), GROUP_M=1)
+    assert point != spaces.default_point(problem, device) and spaces.space(problem, device).is_feasible(point)
+
+    def record(target: str, config: dict) -> KernelRecord:
+        key = KernelKey(target, problem.signature, problem.dtype, 16)
+        return KernelRecord(key, current_versions(), "triton", config, 1.0, 1.0, 1.0, 2.0, 8)
+
+    def chosen(db) -> dict:
+        plan = TunedMoE.from_module(MoE(cfg), target=device.name, db=db).describe(16)
+        return next(p for p in plan if p["op"] == "experts.gemm1")
+
+    arch_only = chosen(MemoryKernelDB([record("cuda -arch=sm_90", point)]))
+    assert arch_only["config"] == point and arch_only["source"] == "db:exact"
+    other = dict(point, GROUP_M=32)
+    both = chosen(MemoryKernelDB([record("cuda -arch=sm_90", point), record(device.name, other)]))
+    assert both["config"] == other  # the device's own winner comes first
+    assert chosen(MemoryKernelDB([record("cuda -arch=sm_80", point)]))["source"] == "default"
 
 
 def test_cuda_lowering_gives_tensor_core_blocks():

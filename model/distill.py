@@ -36,13 +36,14 @@ from typing import Any
 
 import torch
 
-from moetune.model.kd import TrainRouting, end_to_end_kd, layerwise_kd
+from moetune.model.kd import KDParams, TrainRouting, end_to_end_kd, layerwise_kd
 from moetune.model.moefy import bert_layers, moefy
 from moetune.model.student import MoEStudent, encode_with, tokenize
 from moetune.model.text import corpus
 
 __all__ = [
     "TEACHER_ALIASES",
+    "KDParams",
     "TrainRouting",
     "distill",
     "end_to_end_kd",
@@ -125,13 +126,6 @@ def distill(
     top_k: int = 2,
     steps: int = 50,
     *,
-    batch_size: int = 32,
-    lr: float = 3e-4,
-    train: str = "moe",
-    hidden_weight: float = 1.0,
-    embed_weight: float = 1.0,
-    router_weight: float = 0.1,
-    straight_through: bool = True,
     train_max_length: int = 128,
     calib_texts: int = 1024,
     layerwise_epochs: int = 3,
@@ -143,6 +137,7 @@ def distill(
     heldout: list[str] | None = None,
     seed: int = 0,
     progress: Callable[[dict[str, Any]], None] | None = None,
+    **kd: Any,
 ) -> tuple[MoEStudent, dict[str, Any]]:
     """MoEfy the teacher, distil it layer by layer, then end to end on real text; -> (student, report).
 
@@ -154,7 +149,10 @@ def distill(
     held-out texts evaluated (None: all). eval_at: end-to-end step counts after which the held-out cosine is
     also measured (report["curve"]; their evaluation time is not counted as training time). `progress` gets
     {"phase": "moefy" | "layerwise" | "train" | "done", "step", "steps", "loss" | "cosine", ...}.
+    kd: the end-to-end stage's hyper-parameters by name, the fields of model/kd.py's KDParams (batch_size, lr,
+    train, hidden_weight, embed_weight, router_weight, straight_through); its defaults where not given.
     """
+    hp = KDParams(**kd)  # an unknown name fails here, before any work
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     model, tok = load_teacher(teacher_spec)
@@ -182,7 +180,7 @@ def distill(
         by_len = sorted(texts[:layerwise_texts], key=len)  # batches of similar length: little padding
         batches = [tokenize(tok, by_len[i : i + 64], train_max_length) for i in range(0, len(by_len), 64)]
         layerwise = layerwise_kd(
-            student, model, batches, epochs=layerwise_epochs, lr=layerwise_lr, router_weight=router_weight, note=note
+            student, model, batches, epochs=layerwise_epochs, lr=layerwise_lr, router_weight=hp.router_weight, note=note
         )
     sec["layerwise"] = time.perf_counter() - t
     curve = []
@@ -201,10 +199,8 @@ def distill(
     eval_before_train = sec["eval"]
     t_train = time.perf_counter()
     losses = end_to_end_kd(
-        student, model, tok, texts, steps, batch_size=batch_size, lr=lr, train=train, hidden_weight=hidden_weight,
-        embed_weight=embed_weight, router_weight=router_weight, straight_through=straight_through,
-        max_length=train_max_length, seed=seed, note=note, at_step=checkpoint,
-    )  # fmt: skip
+        student, model, tok, texts, steps, hp, max_length=train_max_length, seed=seed, note=note, at_step=checkpoint
+    )
     sec["train"] = time.perf_counter() - t_train - (sec["eval"] - eval_before_train)
 
     t = time.perf_counter()
@@ -219,9 +215,9 @@ def distill(
         "experts": experts,
         "top_k": top_k,
         "steps": steps,
-        "batch_size": batch_size,
-        "lr": lr,
-        "train": train,
+        "batch_size": hp.batch_size,
+        "lr": hp.lr,
+        "train": hp.train,
         "train_texts": len(texts),
         "heldout": after,
         "heldout_after_moefy": after_moefy,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -187,46 +188,58 @@ def layerwise_kd(
 # ---- stage 2: end to end -------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class KDParams:
+    """The end-to-end stage's hyper-parameters; distill() takes them as keyword arguments of the same names.
+
+    The loss terms and the router gate: model/distill.py's docstring. router_weight also weights stage 1's
+    routing term.
+    """
+
+    batch_size: int = 32  # training texts per step
+    lr: float = 3e-4  # AdamW's peak learning rate: linear warm-up, then cosine decay
+    train: str = "moe"  # what trains: "moe" (routers + experts) or "all" (also attention, embeddings, LayerNorms)
+    hidden_weight: float = 1.0
+    embed_weight: float = 1.0
+    router_weight: float = 0.1
+    straight_through: bool = True  # the straight-through router gate (off: no gradient reaches the router)
+
+
 def end_to_end_kd(
     student: MoEStudent,
     teacher,
     tokenizer,
     texts: list[str],
     steps: int,
+    hp: KDParams = KDParams(),
     *,
-    batch_size: int = 32,
-    lr: float = 3e-4,
-    train: str = "moe",
-    hidden_weight: float = 1.0,
-    embed_weight: float = 1.0,
-    router_weight: float = 0.1,
-    straight_through: bool = True,
     max_length: int = 128,
     seed: int = 0,
     note: Callable[[dict[str, Any]], None] = lambda _info: None,
     at_step: Callable[[int], None] = lambda _step: None,
 ) -> list[dict[str, float]]:
-    """`steps` AdamW steps of the KD loss (module docstring) on batches of training texts; -> the loss rows.
+    """`steps` AdamW steps of the KD loss (module docstring) with hyper-parameters `hp` on batches of training
+    texts (at most `max_length` tokens each); -> the loss rows.
 
     at_step(n) runs after step n (the caller's checkpoint evaluations; its time is the caller's to account).
     """
-    params = _trainable(student, train)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    params = _trainable(student, hp.train)
+    opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=0.0)
     warm = max(1, min(20, steps // 10))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / max(1, steps)))
     )
-    routing = TrainRouting(straight_through=straight_through, aux=router_weight > 0)
+    routing = TrainRouting(straight_through=hp.straight_through, aux=hp.router_weight > 0)
     gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
     rows = []
     student.eval()  # dropout off: the student matches a deterministic teacher
     try:
         for step in range(1, steps + 1):
-            if len(order) < batch_size:
+            if len(order) < hp.batch_size:
                 order += torch.randperm(len(texts), generator=gen).tolist()
-            batch = tokenize(tokenizer, [texts[j] for j in order[:batch_size]], max_length)
-            del order[:batch_size]
+            batch = tokenize(tokenizer, [texts[j] for j in order[: hp.batch_size]], max_length)
+            del order[: hp.batch_size]
             ids, mask = batch["input_ids"], batch["attention_mask"]
             with torch.no_grad():
                 t_out = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True)
@@ -238,7 +251,7 @@ def end_to_end_kd(
             cos = (mean_pool(s_out.last_hidden_state, mask) * mean_pool(t_out.last_hidden_state, mask)).sum(-1)
             l_embed = (1 - cos).mean()
             l_router = torch.stack(routing.losses).mean() if routing.losses else torch.zeros(())
-            loss = hidden_weight * l_hidden + embed_weight * l_embed + router_weight * l_router
+            loss = hp.hidden_weight * l_hidden + hp.embed_weight * l_embed + hp.router_weight * l_router
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.moetune-installed
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup sysdeps demo test lint clean
+.PHONY: setup sysdeps demo test lint clean gpu-check
 
 setup: sysdeps $(STAMP)
 
@@ -40,6 +40,24 @@ demo: sysdeps $(STAMP)
 # pytest exits 5 when it collects no tests; that is not a failure of the suite.
 test: sysdeps $(STAMP)
 	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
+
+# On a machine with a CUDA GPU: the GPU-marked tests, a bf16 tune of two presets for this GPU (device-side timing,
+# winners under `cuda -arch=sm_XY -device=<gpu>`), then the GPU bench with its roofline; all under results/<gpu>/.
+GPU_PRESETS ?= qwen3-30b-a3b mixtral-8x7b
+GPU_M ?= 1,16,256,1024,4096
+GPU_TUNE_BUDGET ?= 10m
+gpu-check: $(STAMP)
+	$(PY) -m pip install -q -e ".[cuda]"
+	$(PY) -m pytest -q -m gpu tests/test_gpu.py
+	set -e; gpu=$$($(PY) -c "from moetune.autotune.measure import machine_name; print(machine_name('cuda'))"); \
+	mkdir -p results/$$gpu/tune; \
+	for model in $(GPU_PRESETS); do \
+	  $(VENV)/bin/moetune tune --model $$model --dtype bfloat16 --target cuda --m $(GPU_M) \
+	    --time-budget $(GPU_TUNE_BUDGET) --json > results/$$gpu/tune/tune_$$model.json; \
+	done; \
+	$(VENV)/bin/moetune bench --target cuda $(addprefix -p ,$(GPU_PRESETS)) --tokens $(GPU_M) \
+	  --providers reference,hf-eager,hf-grouped_mm,torch,triton,tvm_cuda,tuned \
+	  --report results/$$gpu/bench_report.json --plot results/$$gpu/bench_plots
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -4,14 +4,19 @@ Providers (all on the same weights and the same rotating inputs, each verified o
 before it is timed; one that does not match is reported and not timed):
   reference       model.MoE, moetune's readable reference (a loop over experts)
   torch           TunedMoE restricted to the torch backend (sort-based, vectorised)
-  tvm             TunedMoE on TVM kernels at each op's default schedule point (untuned, DB ignored)
+  tvm             TunedMoE on TVM kernels at each op's default schedule point (untuned, DB ignored; CPU)
+  triton          ... on Triton kernels at their default points (GPU)
+  tvm_cuda        ... TVM-scheduled CUDA GEMMs at their default points, torch route/align (GPU)
   tuned           TunedMoE with the kernel DB's winners (exact M bucket, else the nearest; else defaults)
   hf-eager        transformers' own block of the preset's family, experts_implementation="eager"
   hf-grouped_mm   ... "grouped_mm" (torch grouped_mm over expert-sorted rows)
   hf-batched_mm   ... "batched_mm" (gathers S copies of expert weights: skipped where that exceeds a limit)
-Per cell (preset, dtype, T): p20/p50/p80, useful GFLOP/s, GB/s of the bytes a forward must move (the experts
-the routing touched + router + shared + activations, autotune/roofline.py) and % of this machine's roofline
-(ceilings measured in the same run), speedup over the reference and over the best HF provider.
+Per cell (preset, dtype, T): p20/p50/p80, useful GFLOP/s, GB/s of the bytes a forward must move (the
+experts the routing touched + router + shared + activations, autotune/roofline.py) and % of this machine's
+roofline (ceilings measured in the same run), speedup over the reference and over the best HF provider.
+On a GPU (target "cuda") the layer, its weights and the inputs live on the device, calls are timed with CUDA
+events or CUDA graph replays (autotune/measure.py), and hf-grouped_mm (transformers' torch._grouped_mm path)
+is the baseline the GPU targets name (`speedup_over`).
 One CSV row per (cell, provider) with machine, versions, config and timestamp.
 Legend: T tokens, H hidden, K top-k.
 """
@@ -33,13 +38,20 @@ from moetune.autotune.measure import Timing, machine_name, measure
 from moetune.autotune.roofline import Machine, experts_touched, layer_bytes
 from moetune.model.config import MoEConfig
 
-MOETUNE_PROVIDERS = ("reference", "torch", "tvm", "tuned")
+MOETUNE_PROVIDERS = ("reference", "torch", "tvm", "triton", "tvm_cuda", "tuned")
 HF_PROVIDERS = ("hf-eager", "hf-grouped_mm", "hf-batched_mm")
 PROVIDERS = MOETUNE_PROVIDERS + HF_PROVIDERS
-DEFAULT_PROVIDERS = ("reference", *HF_PROVIDERS, "tvm", "tuned")
+# the comparison matrix per device: what a user of that device would otherwise run, and moetune untuned / tuned
+DEFAULT_PROVIDERS = {
+    "cpu": ("reference", *HF_PROVIDERS, "tvm", "tuned"),
+    "cuda": ("reference", "hf-eager", "hf-grouped_mm", "torch", "triton", "tvm_cuda", "tuned"),
+}
+PRESET_PROVIDERS = {"cpu": ("reference", "torch", "tvm", "tuned"), "cuda": ("reference", "torch", "triton", "tuned")}
+BACKENDS = {"torch": ("torch",), "tvm": ("tvm",), "triton": ("triton",), "tvm_cuda": ("tvm_cuda", "torch")}
 DEFAULT_PRESETS = ("qwen3-30b-a3b", "mixtral-8x7b", "olmoe-1b-7b", "gpt-oss-20b")
 DEFAULT_TOKENS = (1, 16, 256, 1024)
 DEFAULT_DTYPES = ("float32", "bfloat16")
+GPU_TOKENS = (1, 16, 256, 1024, 4096)  # the GPU targets: weights-bound at T <= 16, matmul-bound at T >= 4096
 CSV_NAME = "layer_bench_v2.csv"  # layer_bench.csv keeps the older, narrower header
 VERIFY_TOKENS = 16
 TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 5e-3}  # norm-wise rel. error vs the reference
@@ -68,7 +80,7 @@ class BenchRow:
     speedup_vs_best_hf: float  # best HF provider's p50 / this p50, same run (nan without HF providers)
     best_hf: str
     peak_gflops: float  # the ceilings measured in this run
-    read_gbs: float
+    read_gbs: float  # the roof's bandwidth: read on a CPU, copy on a GPU (roofline.Machine.roof_gbs)
     config: str  # JSON: per-op backend and schedule point, or the HF family and experts implementation
     versions: str
     timestamp: str
@@ -93,7 +105,7 @@ def versions() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     found = {"torch": torch.__version__}
-    for name, dist in (("tvm", "apache-tvm"), ("transformers", "transformers")):
+    for name, dist in (("tvm", "apache-tvm"), ("triton", "triton"), ("transformers", "transformers")):
         try:
             found[name] = version(dist)
         except PackageNotFoundError:
@@ -101,14 +113,14 @@ def versions() -> str:
     return json.dumps({**found, "threads": torch.get_num_threads()})
 
 
-def reference_layer(cfg: MoEConfig):
+def reference_layer(cfg: MoEConfig, device: str = "cpu"):
     from moetune.model.moe import MoE
 
     torch.manual_seed(0)
     ref = MoE(cfg).eval().requires_grad_(False)
     if cfg.score_correction_bias:
         ref.router.e_score_correction_bias.normal_(std=0.05)
-    return ref
+    return ref.to(device)
 
 
 def make_provider(name: str, ref, target: str, db: Any, hf_mem_limit: float) -> Provider:
@@ -118,8 +130,8 @@ def make_provider(name: str, ref, target: str, db: Any, hf_mem_limit: float) -> 
     cfg = ref.cfg
     if name == "reference":
         return Provider(name, ref, lambda t: [])
-    if name in ("torch", "tvm", "tuned"):
-        kw = {"backends": (name,), "db": False} if name != "tuned" else {"db": db}
+    if name in BACKENDS or name == "tuned":
+        kw = {"backends": BACKENDS[name], "db": False} if name != "tuned" else {"db": db}
         tuned = TunedMoE.from_module(ref, target=target, **kw)
         return Provider(name, tuned, tuned.describe)
     if name not in HF_PROVIDERS:
@@ -156,8 +168,9 @@ def verify(provider: Provider, ref, tokens: list[int]) -> str | None:
     if not fitting:
         return provider.fits(min(tokens))
     x = torch.randn(fitting[-1], cfg.hidden_size, generator=torch.Generator().manual_seed(7)).to(cfg.torch_dtype)
+    x = x.to(ref.router.weight.device)
     with torch.no_grad():
-        got, want = provider.fn(x).double(), ref(x).double()
+        got, want = provider.fn(x).double().cpu(), ref(x).double().cpu()
     provider.max_rel_err = _rel(got, want)
     limit = TOLERANCE[cfg.dtype]
     if cfg.dtype == "float32":
@@ -169,20 +182,22 @@ def verify(provider: Provider, ref, tokens: list[int]) -> str | None:
     return None if ok else f"output does not match the reference: {what} (norm-wise {provider.max_rel_err:.3g})"
 
 
-def time_provider(fn, inputs: list[torch.Tensor], repeat: int, slow_call_s: float) -> Timing:
+def time_provider(fn, inputs: list[torch.Tensor], repeat: int, slow_call_s: float, device: str = "cpu") -> Timing:
     """measure() after one timed warm-up call; a warm-up slower than `slow_call_s` is the only sample."""
     start = time.perf_counter()
     fn(inputs[-1])
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
     first = time.perf_counter() - start
     if first > slow_call_s:
         return Timing(first * 1e3, first * 1e3, first * 1e3, 1)
-    return measure(fn, inputs, warmup=1, repeat=repeat)
+    return measure(fn, inputs, warmup=1, repeat=repeat, device=device)
 
 
 def bench_layer(
     cfg: MoEConfig,
     tokens: list[int],
-    providers: tuple[str, ...] = DEFAULT_PROVIDERS,
+    providers: tuple[str, ...] = DEFAULT_PROVIDERS["cpu"],
     machine: Machine | None = None,
     target: str = "cpu",
     repeat: int = 10,
@@ -191,9 +206,14 @@ def bench_layer(
     slow_call_s: float = 30.0,
     on_row: Callable[[BenchRow], None] | None = None,
 ) -> LayerResult:
-    """Every provider at every T on one config's layer; rows in provider order per T."""
+    """Every provider at every T on one config's layer; rows in provider order per T.
+
+    target: "cpu" or a GPU ("cuda"): the layer and its inputs live on that device."""
+    from moetune.kernels.target import resolve_target
+
+    device = "cuda" if resolve_target(target).kind == "cuda" else "cpu"
     result, preset = LayerResult(), cfg.name or "custom"
-    ref = reference_layer(cfg)
+    ref = reference_layer(cfg, device)
     impls: dict[str, Provider] = {}
     for name in providers:
         try:
@@ -207,9 +227,9 @@ def bench_layer(
             result.skipped.append(
                 {"preset": preset, "dtype": cfg.dtype, "tokens": None, "provider": name, "reason": reason}
             )
-    machine_, vers = machine_name(), versions()
+    machine_, vers = machine_name(device), versions()
     for t in tokens:
-        inputs = [torch.randn(t, cfg.hidden_size).to(cfg.torch_dtype) for _ in range(3)]
+        inputs = [torch.randn(t, cfg.hidden_size, device=device).to(cfg.torch_dtype) for _ in range(3)]
         with torch.no_grad():
             touched = sum(experts_touched(ref.route(x)[1]) for x in inputs) / len(inputs)
         flops, nbytes = cfg.flops_per_token() * t, layer_bytes(cfg, t, touched)
@@ -222,12 +242,12 @@ def bench_layer(
                 )
                 continue
             with torch.no_grad():
-                timings[name] = time_provider(p.fn, inputs, repeat, slow_call_s)
+                timings[name] = time_provider(p.fn, inputs, repeat, slow_call_s, device)
         hf = {k: v.p50_ms for k, v in timings.items() if k in HF_PROVIDERS}
         best_hf = min(hf, key=hf.get) if hf else ""
         base = timings.get("reference")
         peak = machine.peak_for(cfg.dtype) if machine else math.nan
-        bw = machine.read_gbs if machine else math.nan
+        bw = machine.roof_gbs if machine else math.nan
         roof = machine.roof_gflops(flops, nbytes, cfg.dtype) if machine else math.nan
         for name, timing in timings.items():
             seconds = timing.p50_ms * 1e-3
@@ -284,6 +304,17 @@ def tuned_vs_hf(rows: list[BenchRow], provider: str = "tuned") -> dict[str, Any]
     for dtype in dict.fromkeys(r.dtype for r in cells):
         out[f"geomean_{dtype}"] = geomean([r.speedup_vs_best_hf for r in cells if r.dtype == dtype])
     return out
+
+
+def speedup_over(rows: list[BenchRow], provider: str, baseline: str) -> dict[str, Any]:
+    """Per cell with both: baseline p50 / provider p50 (e.g. tuned over hf-grouped_mm, the GPU target); geomean."""
+    p50 = {(r.preset, r.dtype, r.tokens, r.provider): r.p50_ms for r in rows}
+    cells = {
+        f"{pre} {dt} T={t}": p50[(pre, dt, t, baseline)] / ms
+        for (pre, dt, t, name), ms in p50.items()
+        if name == provider and (pre, dt, t, baseline) in p50
+    }
+    return {"provider": provider, "baseline": baseline, "geomean": geomean(list(cells.values())), "cells": cells}
 
 
 def append_csv(rows: list[BenchRow], path: Path) -> None:

@@ -88,7 +88,7 @@ def plot(rows: list[BenchRow], machine: Machine | None, folder: Path) -> list[Pa
         xs = [lo * (hi / lo) ** (k / 100) for k in range(101)]
         for dtype in dict.fromkeys(r.dtype for r in rows):
             peak = machine.peak_for(dtype)
-            ax.plot(xs, [min(peak, machine.read_gbs * x) for x in xs], linestyle="--", label=f"roof {dtype}")
+            ax.plot(xs, [min(peak, machine.roof_gbs * x) for x in xs], linestyle="--", label=f"roof {dtype}")
         markers = dict(zip(dict.fromkeys(r.provider for r in rows), "osD^v<>px", strict=False))
         for provider, marker in markers.items():
             mine = [r for r in rows if r.provider == provider]
@@ -98,7 +98,7 @@ def plot(rows: list[BenchRow], machine: Machine | None, folder: Path) -> list[Pa
         ax.set_xlabel("arithmetic intensity (useful FLOP / byte moved)")
         ax.set_ylabel("achieved GFLOP/s (p50)")
         peaks = ", ".join(f"{d} {v:.0f}" for d, v in machine.peak_gflops.items())
-        ax.set_title(f"peak matmul GFLOP/s: {peaks}; read {machine.read_gbs:.1f} GB/s", fontsize=9)
+        ax.set_title(f"peak matmul GFLOP/s: {peaks}; {machine.roof_stream} {machine.roof_gbs:.1f} GB/s", fontsize=9)
         ax.legend(fontsize=7)
         fig.tight_layout()
         written.append(folder / "roofline.png")

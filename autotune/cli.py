@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from moetune.autotune.cli_common import JsonFlag, console, fail, print_json
+from moetune.autotune.cli_common import JsonFlag, console, fail, json_safe, parse_ints, print_json
 
 app = typer.Typer(
     name="moetune",
@@ -85,179 +85,6 @@ def presets(as_json: JsonFlag = False) -> None:
             f"{r['gflop_per_token']:.3f}",
         )
     console.print(table)
-
-
-def _parse_ints(text: str, what: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        fail(f"{what} must be comma-separated integers, got {text!r}")
-    if not values or min(values) < 1:
-        fail(f"{what} must be integers >= 1, got {text!r}")
-    return values
-
-
-def _json_safe(value):
-    """Non-finite floats (no result yet, no HF provider) as null: the files stay strict JSON."""
-    import math
-
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-@app.command()
-def bench(
-    preset: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--preset",
-            "-p",
-            help="Model preset (repeatable); see `moetune presets`. Default: the comparison matrix of "
-            "qwen3-30b-a3b, mixtral-8x7b, olmoe-1b-7b and gpt-oss-20b.",
-        ),
-    ] = None,
-    tokens: Annotated[str, typer.Option("--tokens", "-t", help="Comma-separated token counts T.")] = "1,16,256,1024",
-    dtype: Annotated[
-        str | None,
-        typer.Option(
-            help="Comma-separated: float32, bfloat16, float16. Default: float32,bfloat16 for the matrix, "
-            "float32 with --preset."
-        ),
-    ] = None,
-    providers: Annotated[
-        str | None,
-        typer.Option(
-            help="Comma-separated, or 'all': reference, torch, tvm (untuned defaults), tuned (kernel DB), "
-            "hf-eager, hf-grouped_mm, hf-batched_mm. Default: reference, the three hf-*, tvm, tuned for the "
-            "matrix; reference, torch, tvm, tuned with --preset."
-        ),
-    ] = None,
-    db: Annotated[str | None, typer.Option(help="Kernel DB for the tuned provider. Default: the embedded DB.")] = None,
-    repeat: Annotated[int, typer.Option(min=1, help="Timed calls per cell (after a warm-up; 20 s cap).")] = 10,
-    shrink: Annotated[
-        int | None,
-        typer.Option(
-            min=1, help="Divide H and I (and the shared width) by this. Default: 4 for the matrix, 1 with --preset."
-        ),
-    ] = None,
-    hf_mem_gib: Annotated[
-        float, typer.Option(help="Skip hf-batched_mm where its gathered weights exceed this many GiB.")
-    ] = 4.0,
-    slow_call_s: Annotated[
-        float, typer.Option(help="A provider whose warm-up call takes longer is timed by that single call.")
-    ] = 30.0,
-    out: Annotated[
-        str | None, typer.Option(help="CSV to append rows to. Default: results/<machine>/layer_bench_v2.csv.")
-    ] = None,
-    save: Annotated[bool, typer.Option(help="Append the rows to the CSV.")] = True,
-    report: Annotated[
-        str | None, typer.Option(help="Write a JSON report (ceilings, rows, skipped, tuned-vs-HF geomean) here.")
-    ] = None,
-    plot: Annotated[
-        str | None, typer.Option("--plot", help="Write speedup.png and roofline.png to this folder.")
-    ] = None,
-    matmul_n: Annotated[int, typer.Option(min=64, help="Square size of the peak-matmul measurement.")] = 2048,
-    stream_mib: Annotated[int, typer.Option(min=1, help="MiB of fp32 read / copied for the bandwidth.")] = 1024,
-    as_json: JsonFlag = False,
-) -> None:
-    """Time one whole MoE layer forward: moetune (reference, untuned, tuned) vs Hugging Face's experts
-    implementations, same weights, same inputs, with this machine's roofline measured in the same run."""
-    import json
-    from dataclasses import asdict
-    from pathlib import Path
-
-    from moetune.autotune import bench_report
-    from moetune.autotune.bench import (
-        CSV_NAME,
-        DEFAULT_DTYPES,
-        DEFAULT_PRESETS,
-        DEFAULT_PROVIDERS,
-        MOETUNE_PROVIDERS,
-        PROVIDERS,
-        append_csv,
-        bench_layer,
-    )
-    from moetune.autotune.measure import machine_name
-    from moetune.autotune.roofline import measure_machine
-    from moetune.model import MoEConfig
-
-    matrix = not preset
-    token_list = _parse_ints(tokens, "--tokens")
-    if providers == "all":
-        providers = ",".join(PROVIDERS)
-    chosen = tuple(p.strip() for p in (providers or "").split(",") if p.strip())
-    chosen = chosen or (DEFAULT_PROVIDERS if matrix else MOETUNE_PROVIDERS)
-    bad = [p for p in chosen if p not in PROVIDERS]
-    if bad:
-        fail(f"unknown provider(s) {', '.join(bad)}; available: {', '.join(PROVIDERS)}")
-    dtypes = [d.strip() for d in dtype.split(",") if d.strip()] if dtype else None
-    dtypes = dtypes or list(DEFAULT_DTYPES if matrix else ("float32",))
-    factor = shrink if shrink is not None else (4 if matrix else 1)
-    try:
-        configs = [MoEConfig.preset(name, dtype=d).shrunk(factor) for d in dtypes for name in preset or DEFAULT_PRESETS]
-    except ValueError as exc:
-        fail(str(exc))
-    with console.status("measuring this machine's peak matmul and read bandwidth"):
-        machine = measure_machine(tuple(dtypes), n=matmul_n, nbytes=stream_mib << 20)
-    peaks = ", ".join(f"{d} {v:.1f} (n={machine.matmul_n[d]})" for d, v in machine.peak_gflops.items())
-    if not as_json:  # --json: the output is the JSON alone (each row carries the ceilings)
-        console.print(
-            f"{machine_name()}: peak matmul GFLOP/s: {peaks}; read {machine.read_gbs:.1f} GB/s, "
-            f"copy {machine.copy_gbs:.1f} GB/s ({machine.stream_bytes >> 20} MiB fp32)",
-            highlight=False,
-        )
-    rows, skipped = [], []
-    with console.status("benchmarking") as status:
-        for cfg in configs:
-            status.update(f"{cfg.name} {cfg.dtype}: building weights, kernels and HF blocks")
-            result = bench_layer(
-                cfg,
-                token_list,
-                chosen,
-                machine=machine,
-                repeat=repeat,
-                db=db,
-                hf_mem_limit=hf_mem_gib * 2**30,
-                slow_call_s=slow_call_s,
-                on_row=lambda r: status.update(f"{r.preset} {r.dtype} T={r.tokens}: {r.provider} done"),
-            )
-            rows += result.rows
-            skipped += result.skipped
-    full = bench_report.report(rows, skipped, machine)
-    path = Path(out) if out else Path("results") / machine_name() / CSV_NAME
-    if save:
-        try:
-            append_csv(rows, path)
-        except ValueError as exc:
-            fail(str(exc))
-    if report:
-        Path(report).write_text(json.dumps(_json_safe(full), indent=1, default=str) + "\n")
-    if plot:
-        try:
-            bench_report.plot(rows, machine, Path(plot))
-        except ImportError:
-            fail("--plot needs matplotlib: pip install 'moetune[plot]'")
-    if as_json:
-        print_json([asdict(r) for r in rows])
-        return
-    console.print(bench_report.table(rows, f"one MoE layer forward on {machine_name()} (p50 of {repeat})"))
-    for s in skipped:
-        console.print(f"skipped {s['provider']} on {s['preset']} {s['dtype']} T={s['tokens'] or 'all'}: {s['reason']}")
-    for key in ("tuned_vs_best_hf", "tvm_vs_best_hf"):
-        summary = full[key]
-        if summary["cells"]:
-            per = ", ".join(f"{k[8:]} {v:.2f}x" for k, v in summary.items() if k.startswith("geomean_"))
-            console.print(
-                f"{summary['provider']} vs best HF provider: geomean {summary['geomean']:.2f}x over "
-                f"{summary['cells']} cells ({per})"
-            )
-    if save:
-        console.print(f"rows appended to {path}")
 
 
 study_app = typer.Typer(
@@ -342,7 +169,7 @@ def study_run(
     chosen = [s.strip() for s in samplers.split(",") if s.strip()]
     if not chosen or any(s not in SAMPLERS for s in chosen):
         fail(f"--samplers must be a subset of {', '.join(SAMPLERS)}, got {samplers!r}")
-    budget_list = _parse_ints(budgets, "--budgets")
+    budget_list = parse_ints(budgets, "--budgets")
     paths = sorted(Path(folder).glob("grid_*.csv"))
     if not paths:
         fail(f"no grid_*.csv in {folder}; run `moetune study grid` first")
@@ -352,7 +179,7 @@ def study_run(
             tables, chosen, budget_list, seeds, on_run=lambda n, s, seed: status.update(f"{n}: {s} seed {seed}")
         )
     result["targets"] = targets(result["summary"], budget_list)
-    Path(folder, "study.json").write_text(json.dumps(_json_safe(result), indent=1, default=str) + "\n")
+    Path(folder, "study.json").write_text(json.dumps(json_safe(result), indent=1, default=str) + "\n")
     Path(folder, "study.md").write_text(markdown(result) + "\n")
     if plot:
         try:
@@ -368,6 +195,9 @@ def study_run(
 
 
 def _mount() -> None:
+    from moetune.autotune.bench_cli import bench_command
+
+    app.command("bench")(bench_command)
     from moetune.autotune.tune_cli import tune_command
 
     app.command("tune")(tune_command)

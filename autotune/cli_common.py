@@ -24,3 +24,27 @@ def fail(message: str) -> NoReturn:
 
 def print_json(data: Any) -> None:
     typer.echo(json.dumps(data, indent=2, default=str))
+
+
+def parse_ints(text: str, what: str) -> list[int]:
+    """'1,16,256' -> [1, 16, 256]; anything else is a one-line failure naming the option."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        fail(f"{what} must be comma-separated integers, got {text!r}")
+    if not values or min(values) < 1:
+        fail(f"{what} must be integers >= 1, got {text!r}")
+    return values
+
+
+def json_safe(value: Any) -> Any:
+    """Non-finite floats (no result yet, no HF provider) as null: the files stay strict JSON."""
+    import math
+
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value

@@ -4,10 +4,13 @@ Ceilings (torch on the threads the benchmark uses, the fastest of several calls:
 machine does, and a busy neighbour only ever slows a call down; a median let one noisy run halve the bandwidth):
   peak GFLOP/s   a square N x N x N matmul per dtype (fp32 sgemm; bf16/fp16 where torch has a CPU kernel)
   read GB/s      summing a large fp32 tensor (every byte read once; what streaming weights needs)
-  copy GB/s      copying a large fp32 tensor, counted as read + write (reported, not used for the roof)
-A cell's roof: min(peak, read bandwidth x arithmetic intensity) GFLOP/s, with intensity = useful FLOPs /
-bytes. The peak used for a cell is the best measured matmul rate of the cell's dtype or of fp32 (a kernel may
-always upcast to fp32 and compute there, which is what the CPU kernels here do for bf16).
+  copy GB/s      copying a large fp32 tensor, counted as read + write (the GPU's roof; reported on a CPU)
+A cell's roof: min(peak, bandwidth x arithmetic intensity) GFLOP/s, with intensity = useful FLOPs / bytes;
+the bandwidth is the read rate on a CPU and the copy rate on a GPU, whose targets are stated against its
+measured copy bandwidth. The peak used for a cell is the best measured matmul rate of the cell's dtype or of
+fp32 (a kernel may always upcast to fp32 and compute there, which is what the CPU kernels here do for bf16).
+On a GPU (device "cuda") the same measurements run on the device, timed by CUDA events: a matmul of n = 8192
+and a 1 GiB copy are far past launch overhead and the 50 MB L2.
 
 Bytes of a forward at T tokens (what has to come from memory at least once): the router weights, the
 weights of the experts that the batch's routing actually touches (counted on the benchmark's own inputs),
@@ -33,31 +36,59 @@ class Machine:
     copy_gbs: float
     matmul_n: dict[str, int]  # the square size each dtype's peak was measured at
     stream_bytes: int
+    device: str = "cpu"
+
+    @property
+    def roof_stream(self) -> str:
+        """Which bandwidth the roof uses: "read" on a CPU, "copy" on a GPU (see the module doc)."""
+        return "copy" if self.device.startswith("cuda") else "read"
+
+    @property
+    def roof_gbs(self) -> float:
+        return self.copy_gbs if self.roof_stream == "copy" else self.read_gbs
 
     def peak_for(self, dtype: str) -> float:
         return max(self.peak_gflops.get(dtype, 0.0), self.peak_gflops.get("float32", 0.0))
 
     def roof_gflops(self, flops: float, nbytes: float, dtype: str) -> float:
         """min(peak, bandwidth x intensity) for a piece of work of `flops` that moves `nbytes`."""
-        return min(self.peak_for(dtype), self.read_gbs * flops / nbytes)
+        return min(self.peak_for(dtype), self.roof_gbs * flops / nbytes)
 
 
-def _fastest_seconds(fn, calls: int) -> float:
-    fn()  # warm-up: page faults, oneDNN kernel selection
+def _fastest_seconds(fn, calls: int, device: str = "cpu") -> float:
+    fn()  # warm-up: page faults, oneDNN kernel selection, cuBLAS handles
     samples = []
+    cuda = device.startswith("cuda")
     for _ in range(calls):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) * 1e-3)
+        else:
+            start = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - start)
     return min(samples)
 
 
-def measure_matmul(dtype: str, n: int = 2048, calls: int = 5, call_budget_s: float = 2.0) -> tuple[float, int]:
+def measure_matmul(
+    dtype: str, n: int = 2048, calls: int = 5, call_budget_s: float = 2.0, device: str = "cpu"
+) -> tuple[float, int]:
     """(GFLOP/s, size used) of the faster of torch.mm(a, b) and F.linear(a, b) (a @ b.T) on n x n inputs.
 
     A dtype without a fast CPU kernel (bf16 without AVX-512 BF16 runs at a few GFLOP/s here) is measured at
-    a smaller size, probed first, so that one call stays within about `call_budget_s`."""
+    a smaller size, probed first, so that one call stays within about `call_budget_s`. On a GPU: n itself."""
     dt = getattr(torch, dtype)
+    if device.startswith("cuda"):
+        a, b = (torch.randn(n, n, device=device).to(dt) for _ in range(2))
+        seconds = min(
+            _fastest_seconds(lambda: torch.mm(a, b), calls, device),
+            _fastest_seconds(lambda: torch.nn.functional.linear(a, b), calls, device),
+        )
+        return 2 * n**3 / seconds / 1e9, n
     rate = 0.0
     for size in sorted({min(n, 256), min(n, 512), min(n, 1024), n}):
         a, b = torch.randn(size, size).to(dt), torch.randn(size, size).to(dt)
@@ -72,22 +103,25 @@ def measure_matmul(dtype: str, n: int = 2048, calls: int = 5, call_budget_s: flo
     return rate, n
 
 
-def measure_bandwidth(nbytes: int = 1 << 30, calls: int = 5) -> tuple[float, float]:
+def measure_bandwidth(nbytes: int = 1 << 30, calls: int = 5, device: str = "cpu") -> tuple[float, float]:
     """(read GB/s, copy GB/s) over an fp32 tensor of `nbytes` (far larger than any cache)."""
-    src = torch.rand(nbytes // 4)
+    src = torch.rand(nbytes // 4, device=device)
     dst = torch.empty_like(src)
-    read = nbytes / _fastest_seconds(lambda: src.sum(), calls) / 1e9
-    copy = 2 * nbytes / _fastest_seconds(lambda: dst.copy_(src), calls) / 1e9
+    read = nbytes / _fastest_seconds(lambda: src.sum(), calls, device) / 1e9
+    copy = 2 * nbytes / _fastest_seconds(lambda: dst.copy_(src), calls, device) / 1e9
     return read, copy
 
 
-def measure_machine(dtypes: tuple[str, ...] = ("float32",), n: int = 2048, nbytes: int = 1 << 30) -> Machine:
+def measure_machine(
+    dtypes: tuple[str, ...] = ("float32",), n: int = 2048, nbytes: int = 1 << 30, device: str = "cpu"
+) -> Machine:
+    """The ceilings of the host CPU (device "cpu", on torch's threads) or of a GPU (device "cuda[:i]")."""
     peaks, sizes = {}, {}
     for d in dict.fromkeys(("float32", *dtypes)):
-        rate, size = measure_matmul(d, n)
+        rate, size = measure_matmul(d, n, device=device)
         peaks[d], sizes[d] = round(rate, 2), size
-    read, copy = measure_bandwidth(nbytes)
-    return Machine(peaks, round(read, 2), round(copy, 2), sizes, nbytes)
+    read, copy = measure_bandwidth(nbytes, device=device)
+    return Machine(peaks, round(read, 2), round(copy, 2), sizes, nbytes, device)
 
 
 # ---- the layer's work and traffic ---------------------------------------------------------------------------------

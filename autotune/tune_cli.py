@@ -151,14 +151,14 @@ def tune_command(
     as_json: JsonFlag = False,
 ) -> None:
     """Tune every op of a model's MoE layer for a target; winners go into the kernel DB."""
-    from moetune.autotune.cli import _parse_ints
+    from moetune.autotune.cli_common import parse_ints
     from moetune.autotune.db import KernelDBError
     from moetune.autotune.search import SAMPLERS
     from moetune.autotune.storage import mask_url
     from moetune.autotune.tuner import tune
 
     cfg = _config(model, hf_config, dtype, shrink)
-    ms = _parse_ints(m, "--m")
+    ms = parse_ints(m, "--m")
     gpu_target = _gpu_target(target, prepare)
     if prepare:
         _prepare(cfg, gpu_target, ms, jobs, force, as_json)

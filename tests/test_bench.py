@@ -21,6 +21,7 @@ from moetune.autotune.bench import (  # noqa: E402
     bench_layer,
     make_provider,
     reference_layer,
+    speedup_over,
     tuned_vs_hf,
     verify,
 )
@@ -97,6 +98,24 @@ def test_roofline_math():
     # 3 touched experts + router (E x H) + activations in and out (T x H each), 2 bytes each
     assert layer_bytes(cfg, tokens=5, experts_touched=3) == 3 * 192 + (4 * 8 + 2 * 5 * 8) * 2
     assert experts_touched(torch.tensor([[0, 3], [3, 1]])) == 3
+
+
+def test_the_gpu_roof_uses_the_copy_bandwidth():
+    """The GPU targets are stated against its copy bandwidth; the CPU's roof streams at its read rate."""
+    gpu = Machine({"bfloat16": 800e3}, read_gbs=3200.0, copy_gbs=3000.0, matmul_n={}, stream_bytes=1, device="cuda")
+    assert (MACHINE.roof_stream, gpu.roof_stream) == ("read", "copy")
+    assert gpu.roof_gflops(flops=1e9, nbytes=1e9, dtype="bfloat16") == pytest.approx(3000.0)
+
+
+def test_speedup_over_a_baseline_per_cell():
+    def row(preset: str, tokens: int, provider: str, p50: float) -> BenchRow:
+        fields = dict.fromkeys(BenchRow.__dataclass_fields__, 0)
+        return BenchRow(**{**fields, "preset": preset, "tokens": tokens, "provider": provider, "p50_ms": p50})
+
+    rows = [row("a", 1, "tuned", 1.0), row("a", 1, "hf-grouped_mm", 2.0), row("a", 16, "tuned", 4.0)]
+    rows += [row("a", 16, "hf-grouped_mm", 2.0), row("b", 1, "tuned", 1.0)]  # b: no baseline, not a cell
+    got = speedup_over(rows, "tuned", "hf-grouped_mm")
+    assert got["cells"] == {"a 0 T=1": 2.0, "a 0 T=16": 0.5} and got["geomean"] == pytest.approx(1.0)
 
 
 def test_bench_layer_rows_speedups_and_skips():

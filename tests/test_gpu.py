@@ -306,3 +306,35 @@ def test_tuned_moe_on_tvm_cuda_bf16(name):
         got = tuned(x)
         assert got.shape == x.shape and got.dtype == torch.bfloat16 and got.is_cuda
         assert rel_err(got.float().cpu(), want) <= 2 * torch_err + 1e-3
+
+
+# ---- device-side timing, the GPU's roofline and the GPU bench --------------------------------------------------
+def test_short_calls_are_graph_replays_and_syncing_calls_keep_their_events():
+    from moetune.autotune.measure import GRAPH_BELOW_MS, measure
+
+    xs = [torch.randn(64, 64, device="cuda") for _ in range(3)]
+    fast = measure(lambda x: x * 2, xs, repeat=5, device="cuda")
+    assert fast.clock == "graph" and 0 < fast.p50_ms < GRAPH_BELOW_MS
+    synced = measure(lambda x: (x * 2).sum().item(), xs, repeat=5, device="cuda")  # cannot be captured
+    assert synced.clock == "events" and synced.p50_ms > 0
+    big = [torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    slow = measure(lambda x: x @ x, big, repeat=3, device="cuda")  # 1.1 TFLOP: over a millisecond anywhere
+    assert slow.clock == "events" and slow.p50_ms > GRAPH_BELOW_MS
+
+
+def test_gpu_roofline_and_bench_rows():
+    import math
+
+    from moetune.autotune.bench import bench_layer, speedup_over
+    from moetune.autotune.measure import machine_name
+    from moetune.autotune.roofline import measure_machine
+
+    machine = measure_machine(("bfloat16",), n=4096, nbytes=256 << 20, device="cuda")
+    assert machine.roof_stream == "copy" and machine.peak_gflops["bfloat16"] > machine.peak_gflops["float32"]
+    cfg = CONFIGS["qwen3-like"]
+    providers = ("reference", "hf-grouped_mm", "torch", "triton", "tuned")
+    result = bench_layer(cfg, [1, 64], providers, machine=machine, target="cuda", repeat=3, db=False)
+    assert {(r.tokens, r.provider) for r in result.rows} == {(t, p) for t in (1, 64) for p in providers}, result.skipped
+    assert {r.machine for r in result.rows} == {machine_name("cuda")}
+    assert all(r.pct_roofline > 0 and r.read_gbs == machine.copy_gbs for r in result.rows)
+    assert math.isfinite(speedup_over(result.rows, "triton", "hf-grouped_mm")["geomean"])

@@ -16,6 +16,9 @@ and judges the point for the architecture (kernels/target.GPU_LIMITS):
   spills          any spill store or load: local-memory traffic inside the GEMM loop
   registers       registers x threads beyond the SM's 64K registers: not one block fits an SM
   compile error   Triton or ptxas refused it
+It also records which matrix instruction the PTX uses (`mma`): wgmma (Hopper's warpgroup MMA), mma (mma.sync,
+Ampere's tensor cores, also on Hopper), or fma (no tensor cores: CUDA-core FMAs), so the summary says how many
+feasible points reach the tensor cores. Triton uses wgmma on sm_90 only for tiles of at least 64 rows.
 The results go into a JSON cache ($MOETUNE_CACHE_DIR or ~/.cache/moetune, file triton_prepare.json; the cubins
 into Triton's cache format beside it, folder triton/) keyed by
 the Triton kernel source hash (kernels/triton_common.kernel_source_hash, which includes the Triton version),
@@ -55,7 +58,7 @@ from moetune.kernels.target import GpuLimits, Target
 from moetune.model.config import MoEConfig
 
 CACHE_FILE = "triton_prepare.json"
-SCHEMA = 1
+SCHEMA = 2  # 2: results carry `mma`
 REASONS = ("shared memory", "spills", "registers", "compile error")
 _MEMO: dict[str, tuple[float, dict[str, Any]]] = {}
 
@@ -134,6 +137,13 @@ def _cuobjdump_numbers(cubin: bytes) -> dict[str, int]:
     return {"regs": int(regs.group(1)) if regs else 0, "spill_bytes": int(local.group(1)) if local else 0}
 
 
+def mma_kind(ptx: str) -> str:
+    """The matrix instruction a kernel's PTX uses: wgmma, mma (mma.sync) or fma (none)."""
+    if "wgmma.mma_async" in ptx:
+        return "wgmma"
+    return "mma" if "mma.sync" in ptx else "fma"
+
+
 def compile_spec(spec, capability: int) -> dict[str, Any]:
     """Compile one AotSpec for a compute capability -> shared, regs, spill_bytes, seconds (or error)."""
     import triton
@@ -165,7 +175,8 @@ def compile_spec(spec, capability: int) -> dict[str, Any]:
             first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
             return {"error": f"{type(exc).__name__}: {first[:200]}", "seconds": time.monotonic() - started}
     numbers = _ptxas_numbers(log.getvalue()) or _cuobjdump_numbers(compiled.asm["cubin"])
-    return {"shared": int(compiled.metadata.shared), **numbers, "seconds": time.monotonic() - started}
+    mma = mma_kind(compiled.asm["ptx"])
+    return {"shared": int(compiled.metadata.shared), **numbers, "mma": mma, "seconds": time.monotonic() - started}
 
 
 def assess(raw: dict[str, Any], limits: GpuLimits, num_warps: int) -> dict[str, Any]:
@@ -228,6 +239,7 @@ class OpPrepare:
     cached: int = 0  # found in the cache
     feasible: int = 0  # candidate points
     pruned: dict[str, int] = field(default_factory=dict)  # reason -> candidate points
+    mma: dict[str, int] = field(default_factory=dict)  # matrix instruction -> feasible points
     seconds: float = 0.0  # compile time summed over workers
 
 
@@ -327,14 +339,16 @@ def prepare(
         row.compiled = len(distinct & fresh.keys())
         row.cached = row.kernels - row.compiled
         row.seconds = sum(fresh[k].get("seconds", 0.0) for k in distinct & fresh.keys())
-        reasons = Counter()
+        reasons, mma = Counter(), Counter()
         for key in keys.values():
             r = results[key]
             if r["feasible"]:
                 row.feasible += 1
+                mma[r.get("mma", "?")] += 1
             else:
                 reasons[r["reason"]] += 1
         row.pruned = {reason: reasons[reason] for reason in REASONS if reasons[reason]}
+        row.mma = dict(mma.most_common())
     report.ops = list(rows.values())
     report.seconds = time.monotonic() - started
     emit({"kind": "end", "report": report})
@@ -342,7 +356,8 @@ def prepare(
 
 
 def summary_rows(report: PrepareReport) -> list[list[str]]:
-    """Table rows: op, problems, grid, static pruned, candidates, kernels (compiled / cached), feasible, pruned."""
+    """Table rows: op, problems, grid, static pruned, candidates, kernels (compiled / cached), feasible, pruned,
+    the feasible points per matrix instruction, seconds."""
     out = []
     for r in report.ops:
         static = sum(r.static_pruned.values())
@@ -357,6 +372,7 @@ def summary_rows(report: PrepareReport) -> list[list[str]]:
                 f"{r.kernels} ({r.compiled} new, {r.cached} cached)",
                 str(r.feasible),
                 why,
+                ", ".join(f"{k} {v}" for k, v in r.mma.items()) or "-",
                 f"{r.seconds:.0f}" if not math.isnan(r.seconds) else "-",
             ]
         )

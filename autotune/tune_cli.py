@@ -282,13 +282,16 @@ def _prepare(cfg, target, ms: list[int], jobs: int | None, force: bool, as_json:
         print_json(report.to_dict())
         return
     table = Table(title=f"moetune prepare: {report.model} ({report.dtype}) for {report.arch}, M={report.m}")
-    columns = ("op", "problems", "grid", "static pruned", "candidates", "kernels", "feasible", "pruned (why)", "s")
+    columns = ("op", "problems", "grid", "static pruned", "candidates", "kernels", "feasible", "pruned (why)")
+    columns += ("feasible by instruction", "s")
+    left = ("op", "kernels", "pruned (why)", "feasible by instruction")
     for column in columns:
-        table.add_column(column, justify="left" if column in ("op", "kernels", "pruned (why)") else "right")
+        table.add_column(column, justify="left" if column in left else "right")
     for row in summary_rows(report):
         table.add_row(*row)
     console.print(table)
     console.print(
         f"points = (problem, config) pairs; kernels = distinct compiles (GROUP_M and BM are launch arguments); "
+        f"instruction: wgmma / mma = tensor cores, fma = CUDA cores; "
         f"results cached in {report.cache}; {report.seconds:.0f} s"
     )

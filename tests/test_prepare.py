@@ -147,6 +147,18 @@ def test_aot_compile_reads_resources(arch):
         assert got["feasible"] and got["blocks_per_sm"] >= 1, (op.name, got)
 
 
+def test_the_tensor_core_instruction_is_recorded_per_arch():
+    """bf16 GEMM tiles of 64 rows use Hopper's wgmma on sm_90 and mma.sync on sm_80; 16-row tiles (decode) stay on
+    mma.sync everywhere (a warpgroup MMA needs 64 rows)."""
+    problem = lower(MoEConfig.preset("qwen3-30b-a3b", dtype="bfloat16"), 4096, "cuda").op("experts.gemm1")
+    big = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 2}
+    small = dict(big, BLOCK_M=16)
+    assert _compile(problem, big, "sm_90")["mma"] == "wgmma"
+    assert _compile(problem, big, "sm_80")["mma"] == "mma"
+    assert _compile(problem, small, "sm_90")["mma"] == "mma"
+    assert prep.mma_kind("fma.rn.f32 %f1, %f2, %f3, %f4;") == "fma"
+
+
 def test_shared_memory_over_sm89_is_pruned_there_only():
     # 3 stages of a 16 x 128 activation tile and two 128 x 128 bf16 weight tiles: ~200 KiB on sm_90 (which
     # buffers num_stages tiles), over sm_89's 99 KiB on any count; the static space lets it through
@@ -185,7 +197,8 @@ def _fake_compile(calls: list):
         else:
             shared = 1024
         spill = 64 if c.get("BLOCK_T") == 64 and spec.num_warps == 2 else 0
-        return {"shared": shared, "regs": 96, "spill_bytes": spill, "seconds": 0.01}
+        mma = "wgmma" if c.get("BLOCK_M", 0) >= 64 else "mma"
+        return {"shared": shared, "regs": 96, "spill_bytes": spill, "mma": mma, "seconds": 0.01}
 
     return compile_spec
 
@@ -206,6 +219,7 @@ def test_prepare_counts_caches_and_feeds_the_space(monkeypatch):
     assert g1.pruned.get("shared memory", 0) > 0  # over sm_89's 99 KiB
     assert rows["route"].pruned.get("spills", 0) > 0
     assert len(calls) == sum(r.compiled for r in report.ops) == len(set(calls))
+    assert sum(g1.mma.values()) == g1.feasible and set(g1.mma) <= {"wgmma", "mma"}
 
     again = prep.prepare(SMALL, target, m=[1, 256], jobs=1)  # everything from the cache now
     assert len(calls) == sum(r.compiled for r in report.ops)

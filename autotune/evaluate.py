@@ -208,5 +208,7 @@ def evaluate(task: Task) -> Result:
     # 2. time on rotating inputs of the study's T
     sets = [_to(args, device) for args in sets]
     with torch.no_grad():
-        timing = measure(run_timed, sets, warmup=task.warmup, repeat=task.repeat, device=device.type)
+        timing = measure(
+            run_timed, sets, warmup=task.warmup, repeat=task.repeat, device=device.type, cutoff_ms=task.cutoff_ms
+        )
     return Result(True, None, timing.p20_ms, timing.p50_ms, timing.p80_ms, worst, time.monotonic() - started)

@@ -19,6 +19,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+MIN_SAMPLES = 3  # samples before a time limit or a cutoff may end the timing
+WARMUP_ENOUGH_S = 0.25  # a warm-up call this slow ends the warm-up
 GRAPH_BELOW_MS = 0.5  # GPU calls faster than this are timed as CUDA graph replays
 GRAPH_CALLS = 20  # calls captured per graph (over the rotating inputs); a replay's time / GRAPH_CALLS is a sample
 
@@ -47,21 +49,30 @@ def measure(
     repeat: int = 10,
     max_seconds: float = 20.0,
     device: str = "cpu",
+    cutoff_ms: float | None = None,
 ) -> Timing:
     """Time fn(inputs[i % len(inputs)]) `repeat` times after `warmup` calls (fewer if max_seconds runs out).
 
+    A warm-up call slower than WARMUP_ENOUGH_S ends the warm-up (a call that long is past cold caches).
+    cutoff_ms (CPU): stop after MIN_SAMPLES once their median is over it; the tuner passes a multiple of the
+    study's best, so a clearly slower candidate costs 3 timed calls instead of `repeat`.
     device "cuda": device-side timing (measure_cuda); fn must launch on torch's current stream."""
     if device.startswith("cuda"):
         return measure_cuda(fn, inputs, warmup, repeat, max_seconds)
     for i in range(warmup):
+        start = time.perf_counter()
         fn(inputs[i % len(inputs)])
+        if time.perf_counter() - start > WARMUP_ENOUGH_S:
+            break
     samples: list[float] = []
     deadline = time.perf_counter() + max_seconds
     for i in range(repeat):
         start = time.perf_counter()
         fn(inputs[i % len(inputs)])
         samples.append(time.perf_counter() - start)
-        if time.perf_counter() > deadline and len(samples) >= 3:
+        if len(samples) >= MIN_SAMPLES and time.perf_counter() > deadline:
+            break
+        if cutoff_ms is not None and len(samples) >= MIN_SAMPLES and statistics.median(samples) * 1e3 > cutoff_ms:
             break
     return quantiles_ms(samples)
 

@@ -11,8 +11,8 @@ winner (the fastest of the completed trials and the torch baseline, so never slo
 baseline only as a fallback, see TORCH_FALLBACK_ONLY) goes into the kernel DB. Trials live in the Optuna
 storage as they finish, so a killed run resumes where it stopped.
 
-Parameters with integer choices are sampled as an index into their choices (ordinal, so CMA-ES and GP see a
-numeric axis); the others as categoricals.
+Samplers and the encoding of points as trial parameters: autotune/samplers.py. A candidate clearly slower than
+the study's best so far is timed with a few calls only (EARLY_STOP).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from typing import Any
 import optuna
 
 from moetune.autotune.db import KernelDB, KernelKey, KernelRecord, current_versions
+from moetune.autotune.samplers import encode, make_sampler, suggest
 from moetune.autotune.storage import create_study, settle_study
 from moetune.autotune.worker import Task, Worker
 from moetune.ir.program import Problem
@@ -37,7 +38,9 @@ from moetune.kernels.registry import backend_info, backends_for
 from moetune.kernels.target import Target
 from moetune.schedules.space import Point, SearchSpace
 
-SAMPLERS = ("tpe", "cmaes", "gp", "random", "grid")
+# A candidate whose first timed calls have a median over EARLY_STOP x the study's best so far stops there (3 calls
+# instead of `repeat`): a full-size Mixtral T=256 gemm1 call takes 0.77 s, and most candidates are that slow.
+EARLY_STOP = 1.5
 # A study stops after this many proposals per budgeted trial even if too few were measurable (pruned or repeats).
 PROPOSALS_PER_TRIAL = 10
 STALL = 3  # unmeasured proposals in a row after which the next trial is a random unmeasured feasible point
@@ -54,43 +57,6 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 class TrialFailed(Exception):
     """A candidate that did not build, crashed, hung or computed a wrong result."""
-
-
-def make_sampler(name: str, space: SearchSpace, seed: int = 0) -> optuna.samplers.BaseSampler:
-    if name == "tpe":  # constant_liar: parallel workers do not all sample next to the same running trial
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=4, constant_liar=True)
-    if name == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
-    if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=4)
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if name == "grid":
-        return optuna.samplers.GridSampler(_grid(space), seed=seed)
-    raise ValueError(f"unknown sampler {name!r}; available: {', '.join(SAMPLERS)}")
-
-
-def _ordinal(choices: tuple) -> bool:
-    return all(isinstance(c, int) and not isinstance(c, bool) for c in choices)
-
-
-def _grid(space: SearchSpace) -> dict[str, list]:
-    return {p.name: list(range(len(p.choices))) if _ordinal(p.choices) else list(p.choices) for p in space.params}
-
-
-def suggest(trial: optuna.Trial, space: SearchSpace) -> Point:
-    point = {}
-    for p in space.params:
-        if _ordinal(p.choices):
-            point[p.name] = p.choices[trial.suggest_int(p.name, 0, len(p.choices) - 1)]
-        else:
-            point[p.name] = trial.suggest_categorical(p.name, list(p.choices))
-    return point
-
-
-def encode(space: SearchSpace, point: Point) -> dict[str, Any]:
-    """A point as the trial params `suggest` would have produced (for enqueue_trial)."""
-    return {p.name: p.choices.index(point[p.name]) if _ordinal(p.choices) else point[p.name] for p in space.params}
 
 
 def _key(point: Point | None) -> str:
@@ -149,7 +115,7 @@ def _study_name(target: Target, problem: Problem, m_bucket: int, versions: dict[
     return name if backend == "tvm" else f"{name}|{backend}"
 
 
-def _measure(ctx: StudyContext, m: int, op_name: str, backend: str, point: Point):
+def _measure(ctx: StudyContext, m: int, op_name: str, backend: str, point: Point, cutoff_ms: float | None = None):
     task = Task(
         cfg=ctx.cfg,
         m_tokens=m,
@@ -158,6 +124,7 @@ def _measure(ctx: StudyContext, m: int, op_name: str, backend: str, point: Point
         params=point,
         target=ctx.target.name,
         repeat=ctx.repeat,
+        cutoff_ms=cutoff_ms,
         seed=ctx.seed,
         imports=ctx.imports,
     )
@@ -236,7 +203,9 @@ def _run_study(ctx, op_name, problem, m, trials, time_budget, versions, backend,
     def measure(trial: optuna.Trial, point: Point) -> float:
         trial.set_user_attr("backend", backend)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # who ran it (many workers)
-        res = _measure(ctx, m, op_name, backend, point)
+        done = [t.value for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
+        cutoff = EARLY_STOP * min(done) if done else None  # clearly slower than the best: timed briefly
+        res = _measure(ctx, m, op_name, backend, point, cutoff)
         if not res.ok:
             trial.set_user_attr("error", res.error)
             raise TrialFailed(res.error)

@@ -4,8 +4,8 @@ Data flow:
   1. measure_grid(problem)  every feasible point of the op's space measured through the tuner's own trial path,
      `passes` times, with drift controls -> GridTable; one CSV per problem (search_study_grid.py, re-exported
      here with the problem and table types).
-  2. simulate(table, sampler, trials, seed)  an Optuna study with the tuner's sampler (search.make_sampler),
-     the tuner's parameter encoding (search.suggest) and its pruning of infeasible points, whose objective is
+  2. simulate(table, sampler, trials, seed)  an Optuna study with the tuner's sampler (samplers.make_sampler),
+     the tuner's parameter encoding (samplers.suggest) and its pruning of infeasible points, whose objective is
      a lookup of the MEASURED p50 in the table: cheap, and every sampler sees exactly the same (noisy) values.
      It runs through the tuner's own `search.explore`: the narrowed space, infeasible proposals pruned and
      repeats answered from the study, neither counted; a failed point is a measured trial. The samplers do not
@@ -81,7 +81,8 @@ def simulate(table: GridTable, sampler: str, trials: int, seed: int, states: lis
     PRUNED (infeasible) or REPEAT (an already measured point)."""
     import optuna
 
-    from moetune.autotune.search import TrialFailed, explore, make_sampler, measured
+    from moetune.autotune.samplers import make_sampler
+    from moetune.autotune.search import TrialFailed, explore, measured
 
     space = table.space.narrowed()
 

@@ -153,7 +153,7 @@ def tune_command(
     """Tune every op of a model's MoE layer for a target; winners go into the kernel DB."""
     from moetune.autotune.cli_common import parse_ints
     from moetune.autotune.db import KernelDBError
-    from moetune.autotune.search import SAMPLERS
+    from moetune.autotune.samplers import SAMPLERS
     from moetune.autotune.storage import mask_url
     from moetune.autotune.tuner import tune
 

@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from moetune.autotune.db import KernelDB, open_db
-from moetune.autotune.search import SAMPLERS, OpOutcome, StudyContext, tune_op
+from moetune.autotune.samplers import SAMPLERS
+from moetune.autotune.search import OpOutcome, StudyContext, tune_op
 from moetune.autotune.storage import open_storage
 from moetune.autotune.worker import Worker
 from moetune.ir.program import lower, m_bucket

@@ -34,6 +34,7 @@ class Task:
     target: str = "cpu"
     repeat: int = 10
     warmup: int = 2
+    cutoff_ms: float | None = None  # stop timing early once the median is over this (autotune/measure.py)
     seed: int = 0
     imports: tuple[str, ...] = ()  # extra modules to import first (tests register faulty backends this way)
 

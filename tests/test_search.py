@@ -10,7 +10,8 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from moetune.autotune.search import SAMPLERS, TrialFailed, explore, make_sampler, measured
+from moetune.autotune.samplers import SAMPLERS, make_sampler
+from moetune.autotune.search import TrialFailed, explore, measured
 from moetune.schedules.space import Constraint, Param, SearchSpace
 
 SPACE = SearchSpace(

@@ -1,0 +1,69 @@
+"""Timing rules on the CPU (autotune/measure.py) and the tuner's early stop of clearly slower candidates."""
+
+from __future__ import annotations
+
+import time
+
+import optuna
+
+from moetune.autotune.db import MemoryKernelDB
+from moetune.autotune.measure import MIN_SAMPLES, measure
+from moetune.autotune.search import EARLY_STOP, StudyContext, tune_op
+from moetune.autotune.worker import Result
+from moetune.ir.program import lower
+from moetune.kernels.target import resolve_target
+from moetune.model import MoEConfig
+
+
+def _sleeper(seconds: float, calls: list):
+    def fn(x):
+        calls.append(x)
+        time.sleep(seconds)
+
+    return fn
+
+
+def test_cutoff_stops_a_slow_call_after_three_samples():
+    calls: list = []
+    slow = measure(_sleeper(0.01, calls), [0, 1, 2], warmup=1, repeat=10, cutoff_ms=5.0)
+    assert slow.n == MIN_SAMPLES and slow.p50_ms > 5.0 and slow.clock == "wall"
+    assert calls == [0, 0, 1, 2]  # one warm-up, then the rotation
+    fast = measure(_sleeper(0.001, []), [0], warmup=1, repeat=10, cutoff_ms=50.0)
+    assert fast.n == 10 and fast.p20_ms <= fast.p50_ms <= fast.p80_ms
+
+
+def test_one_slow_warm_up_call_is_enough():
+    calls: list = []
+    measure(_sleeper(0.3, calls), [0, 1], warmup=3, repeat=3)
+    assert len(calls) == 1 + 3
+
+
+class _FakeWorker:
+    """Times a point as 1 ms x its nt (so the default is not the best) and records each task's cutoff."""
+
+    def __init__(self):
+        self.tasks = []
+
+    def run(self, task, timeout):
+        self.tasks.append(task)
+        ms = float(task.params.get("nt", 64)) / 8 if task.backend != "torch" else 100.0
+        return Result(True, None, ms, ms, ms, 0.0, 0.01)
+
+
+def test_the_tuner_passes_a_multiple_of_the_study_best_as_cutoff(tmp_path):
+    cfg = MoEConfig(hidden_size=64, intermediate_size=48, num_experts=8, top_k=2)
+    target = resolve_target("cpu")
+    problem = lower(cfg, 8).op("experts.gemm1")
+    worker = _FakeWorker()
+    storage = optuna.storages.InMemoryStorage()
+    ctx = StudyContext(cfg.to_dict(), target, worker, MemoryKernelDB(), storage, sampler="random", seed=3)
+    outcome = tune_op(ctx, "experts.gemm1", problem, 8, trials=6, time_budget=None)
+    tvm = [t for t in worker.tasks if t.backend == "tvm"]
+    assert worker.tasks[0].backend == "torch" and worker.tasks[0].cutoff_ms is None
+    assert tvm[0].cutoff_ms is None  # nothing measured yet in the study
+    best = float("inf")
+    for task in tvm:
+        if task is not tvm[0]:
+            assert task.cutoff_ms == EARLY_STOP * best, (task.params, task.cutoff_ms, best)
+        best = min(best, task.params["nt"] / 8)
+    assert outcome.p50_ms == best

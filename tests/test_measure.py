@@ -67,3 +67,27 @@ def test_the_tuner_passes_a_multiple_of_the_study_best_as_cutoff(tmp_path):
             assert task.cutoff_ms == EARLY_STOP * best, (task.params, task.cutoff_ms, best)
         best = min(best, task.params["nt"] / 8)
     assert outcome.p50_ms == best
+
+
+def test_a_slow_check_call_at_the_studys_t_is_the_warm_up(monkeypatch):
+    """evaluate(): 3 checks (T=1, one expert, the study's T); when the last takes over WARMUP_ENOUGH_S the timing
+    starts at once: 3 checks + `repeat` timed calls, no warm-up."""
+    from moetune.autotune import evaluate as ev
+    from moetune.autotune.worker import Task
+    from moetune.kernels.registry import ImplInfo, get_impl
+
+    calls = []
+
+    def slow_gemm1(problem, config, target, *args):
+        calls.append(args[0].shape[0])
+        time.sleep(0.3)
+        return get_impl("gemm1", "torch").fn(problem, config, target, *args)
+
+    def patched(op, backend):
+        return ImplInfo(op, "slow", slow_gemm1, ("cpu",)) if backend == "slow" else get_impl(op, backend)
+
+    monkeypatch.setattr(ev, "get_impl", patched)
+    cfg = MoEConfig(hidden_size=32, intermediate_size=16, num_experts=4, top_k=2)
+    result = ev.evaluate(Task(cfg.to_dict(), 8, "experts.gemm1", "slow", {}, repeat=3, warmup=2))
+    assert result.ok, result.error
+    assert calls == [1, 4, 8, 8, 8, 8]

@@ -214,6 +214,12 @@ def evaluate(task: Task) -> Result:
     with torch.no_grad():
         warmup = 0 if device.type == "cpu" and last_call > WARMUP_ENOUGH_S else task.warmup
         timing = measure(
-            run_timed, sets, warmup=warmup, repeat=task.repeat, device=device.type, cutoff_ms=task.cutoff_ms
+            run_timed,
+            sets,
+            warmup=warmup,
+            repeat=task.repeat,
+            max_seconds=task.max_seconds,
+            device=device.type,
+            cutoff_ms=task.cutoff_ms,
         )
     return Result(True, None, timing.p20_ms, timing.p50_ms, timing.p80_ms, worst, time.monotonic() - started)

@@ -35,6 +35,7 @@ class Task:
     repeat: int = 10
     warmup: int = 2
     cutoff_ms: float | None = None  # stop timing early once the median is over this (autotune/measure.py)
+    max_seconds: float = 4.0  # timed calls stop once this much time went into them (at least 3 calls)
     seed: int = 0
     imports: tuple[str, ...] = ()  # extra modules to import first (tests register faulty backends this way)
 

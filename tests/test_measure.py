@@ -71,7 +71,7 @@ def test_the_tuner_passes_a_multiple_of_the_study_best_as_cutoff(tmp_path):
 
 def test_a_slow_check_call_at_the_studys_t_is_the_warm_up(monkeypatch):
     """evaluate(): 3 checks (T=1, one expert, the study's T); when the last takes over WARMUP_ENOUGH_S the timing
-    starts at once: 3 checks + `repeat` timed calls, no warm-up."""
+    starts at once (no warm-up), and stops after the task's max_seconds (at least 3 calls)."""
     from moetune.autotune import evaluate as ev
     from moetune.autotune.worker import Task
     from moetune.kernels.registry import ImplInfo, get_impl
@@ -88,6 +88,7 @@ def test_a_slow_check_call_at_the_studys_t_is_the_warm_up(monkeypatch):
 
     monkeypatch.setattr(ev, "get_impl", patched)
     cfg = MoEConfig(hidden_size=32, intermediate_size=16, num_experts=4, top_k=2)
-    result = ev.evaluate(Task(cfg.to_dict(), 8, "experts.gemm1", "slow", {}, repeat=3, warmup=2))
+    task = Task(cfg.to_dict(), 8, "experts.gemm1", "slow", {}, repeat=10, warmup=2, max_seconds=0.5)
+    result = ev.evaluate(task)  # timing stops at 3 calls: 0.9 s is over the task's 0.5 s
     assert result.ok, result.error
     assert calls == [1, 4, 8, 8, 8, 8]

@@ -343,7 +343,26 @@ def check_layer(overrides, tokens):
         assert err <= 1e-4, (t, err)
 
 
+def check_probe() -> None:
+    """The interpreter itself: a loop bounded by a runtime scalar (Triton <= 3.6's interpreter cannot run one under
+    NumPy >= 2.4: it converts 1-element arrays with int())."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def probe(out, n):
+        acc = 0
+        for _ in range(0, n):
+            acc += 1
+        tl.store(out, acc)
+
+    out = torch.zeros(1, dtype=torch.int32)
+    probe[(1,)](out, 3)
+    assert int(out[0]) == 3, int(out[0])
+
+
 CHECKS = {
+    "probe": check_probe,
     "route": check_route,
     "align": check_align,
     "gemm1": check_gemm1,
@@ -398,6 +417,19 @@ def interpreter():
         if not reply["ok"]:
             pytest.fail(f"{check} failed in the interpreter worker:\n{reply['error']}", pytrace=False)
 
+    try:
+        run("probe")
+    except pytest.fail.Exception as exc:
+        if "only 0-dimensional arrays can be converted" not in str(exc):
+            raise
+        import numpy
+        import triton
+
+        proc.kill()
+        pytest.skip(
+            f"Triton {triton.__version__}'s interpreter cannot run under NumPy {numpy.__version__} (it calls int() on "
+            "1-element arrays): use NumPy < 2.4 or Triton >= 3.9"
+        )
     yield run
     proc.stdin.close()
     try:

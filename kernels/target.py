@@ -159,18 +159,35 @@ def _cuda_target(arch: str, device: str | None = None) -> Target:
     return Target("cuda", name, {"kind": "cuda", "arch": arch})
 
 
+def _llvm_target(spec: str) -> Target:
+    """`llvm -mcpu=<cpu>` (this host's triple) or `llvm -mtriple=<triple> -mcpu=<cpu>` (another machine's, to compile
+    for it without running: `-mtriple=aarch64-linux-gnu -mcpu=neoverse-n1`). The CPU name is checked against LLVM:
+    an unknown one would silently compile for a generic CPU and be stored under the bogus name."""
+    from tvm.target import codegen
+
+    found = re.fullmatch(r"llvm(?: -mtriple=(?P<triple>[\w.-]+))? -mcpu=(?P<cpu>[\w.-]+)", spec)
+    if not found:
+        raise ValueError(f"bad CPU target {spec!r}; want 'llvm -mcpu=<cpu>' or 'llvm -mtriple=<triple> -mcpu=<cpu>'")
+    cpu, triple = found.group("cpu"), found.group("triple")
+    if not codegen.llvm_is_valid_cpu(cpu, triple or str(codegen.llvm_get_system_triple())):
+        raise ValueError(f"LLVM does not know the CPU {cpu!r}" + (f" for {triple}" if triple else ""))
+    if triple is None:
+        return Target("cpu", f"llvm -mcpu={cpu}", {"kind": "llvm", "mcpu": cpu})
+    return Target("cpu", f"llvm -mtriple={triple} -mcpu={cpu}", {"kind": "llvm", "mtriple": triple, "mcpu": cpu})
+
+
 @cache
 def resolve_target(spec: str | Target = "cpu") -> Target:
-    """ "cpu" (the host), `llvm -mcpu=...`, `sm_XY` / `cuda -arch=sm_XY` (no GPU needed) or "cuda" -> Target."""
+    """ "cpu" (the host), `llvm [-mtriple=...] -mcpu=...`, `sm_XY` / `cuda -arch=sm_XY` (no GPU needed) or "cuda"
+    -> Target."""
     if isinstance(spec, Target):
         return spec
     if spec in ("cpu", "host", "llvm"):
         cpu = host_cpu()
         return Target("cpu", cpu["target"], cpu["tvm_target"])
-    if spec.startswith("llvm -mcpu="):
-        mcpu = spec.split("=", 1)[1].strip()
-        return Target("cpu", f"llvm -mcpu={mcpu}", {"kind": "llvm", "mcpu": mcpu})
     spec = spec.strip()
+    if spec.startswith("llvm "):
+        return _llvm_target(spec)
     if spec.startswith("cuda -arch="):
         found = re.fullmatch(r"cuda -arch=(\S+)(?: -device=(\S+))?", spec)
         if not found:

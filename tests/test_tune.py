@@ -18,7 +18,9 @@ from conftest import rel_err
 from moetune.autotune import tune
 from moetune.autotune.db import open_db
 from moetune.autotune.search import measured
+from moetune.kernels.target import resolve_target
 from moetune.model import MoE, MoEConfig, TunedMoE
+from moetune.schedules import cpu
 
 TESTS = Path(__file__).parent
 SMALL = MoEConfig(hidden_size=64, intermediate_size=48, num_experts=8, top_k=2, name="tiny")
@@ -167,7 +169,8 @@ def test_worker_turns_each_failure_into_a_reason(point, reason, monkeypatch):
     from moetune.autotune.worker import Task, Worker
 
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
-    params = {"nt": 8, "order": "panels_outer", "par": "fused", **point}
+    lanes = cpu.simd(resolve_target("cpu"))[0]  # the narrowest panel this host's space has
+    params = {"nt": lanes, "order": "panels_outer", "par": "fused", **point}
     worker = Worker()
     try:
         task = Task(

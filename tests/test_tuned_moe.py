@@ -7,7 +7,11 @@ import torch
 from conftest import rel_err
 
 from moetune.kernels.registry import KernelConfig
+from moetune.kernels.target import resolve_target
 from moetune.model import MoE, MoEConfig, TunedMoE
+from moetune.schedules import cpu
+
+LANES = cpu.simd(resolve_target("cpu"))[0]  # the narrowest panel in this host's space (8 on AVX2, 16 on AVX-512)
 
 
 def small(name: str, dtype: str) -> MoEConfig:
@@ -124,7 +128,7 @@ def test_in_place_weight_update_is_seen_by_the_kernels():
 def test_explicit_configs_and_backend_restriction():
     cfg = small("olmoe-1b-7b", "float32")
     ref = reference_for(cfg)
-    gemm1 = KernelConfig.of("tvm", {"nt": 8, "mt": 1, "kt": 1, "order": "blocks_outer", "par": "outer"})
+    gemm1 = KernelConfig.of("tvm", {"nt": LANES, "mt": 1, "kt": 1, "order": "blocks_outer", "par": "outer"})
     tuned = TunedMoE.from_module(ref, configs={"experts.gemm1": gemm1, "route": {"backend": "torch"}})
     chosen = {d["op"]: (d["backend"], d["config"]) for d in tuned.describe(40)}
     assert chosen["experts.gemm1"] == ("tvm", gemm1.as_dict())
@@ -144,7 +148,7 @@ def test_bad_configs_are_clear_errors():
         ref,
         configs={
             "experts.gemm1": KernelConfig.of(
-                "tvm", {"nt": 8, "mt": 3, "kt": 1, "order": "blocks_outer", "par": "outer"}
+                "tvm", {"nt": LANES, "mt": 3, "kt": 1, "order": "blocks_outer", "par": "outer"}
             )
         },
     )

@@ -7,12 +7,12 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.moetune-installed
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup sysdeps demo test lint clean gpu-check
+.PHONY: setup sysdeps demo test lint clean gpu-check FORCE
 
 setup: sysdeps $(STAMP)
 
 # Debian packages the tests and the distillation read (installed when missing, if we may):
-#   fortunes    real English text for distillation (model/text.py)
+#   fortunes    real English text for distillation (model/distill/text.py)
 #   postgresql  a throwaway cluster for the many-worker tests (skipped without it)
 sysdeps:
 	@missing=""; \
@@ -25,12 +25,23 @@ sysdeps:
 	  else echo "warning: missing Debian packages:$$missing (apt-get install$$missing)"; fi; \
 	fi
 
-$(STAMP): pyproject.toml
+# The editable install is "strict": a tree of links to the sources under build/, on sys.path through a .pth
+# file. Static tools (mypy, pyright, IDEs) follow it, which they cannot do with setuptools' default import hook
+# (the folders are mapped onto moetune.<folder>). Edits show at once; a new or removed .py file needs a
+# re-link, so the stamp also depends on the list of source files.
+SOURCES := $(VENV)/.moetune-sources
+$(SOURCES): FORCE
+	@mkdir -p $(VENV); find autotune ir kernels model schedules -name '*.py' | LC_ALL=C sort > $@.new; \
+	if cmp -s $@.new $@; then rm $@.new; else mv $@.new $@; fi
+
+$(STAMP): pyproject.toml $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[hf,dev]"
+	$(PY) -m pip install -q -e ".[hf,dev]" --config-settings editable_mode=strict
 	touch $(STAMP)
+
+FORCE:
 
 demo: sysdeps $(STAMP)
 	$(VENV)/bin/moetune targets

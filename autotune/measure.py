@@ -151,7 +151,7 @@ def _graph_replays(fn: Callable[[Any], Any], inputs: Sequence[Any], repeat: int)
 
 def machine_name(device: str = "cpu") -> str:
     """A stable folder name for results/: CPU model and core count, or the GPU's name (device "cuda[:i]")."""
-    from moetune.kernels.target import device_slug, host_cpu
+    from moetune.ir.target import device_slug, host_cpu
 
     if device.startswith("cuda"):
         import torch

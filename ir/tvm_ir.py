@@ -12,7 +12,7 @@ everything else is static. Blocks are never split by a schedule (only their BM r
 TVM 0.27 fails to compile a predicated split of a symbolic extent under a local accumulator.
 
 Weight layout. GEMM weights arrive packed in panels of P output columns, `(E, ceil(N/P), Kd, P)`, so the
-innermost loop of a tile reads P contiguous weights and vectorises (packing: kernels/moe_tvm.py); a gated
+innermost loop of a tile reads P contiguous weights and vectorises (packing: kernels/tvm_cpu/launchers.py); a gated
 gemm1 interleaves its gate and up panels into `(E, ceil(I/P), H, 2P)`, a non-gated one uses plain P panels. P is the
 schedule's `nt`, which is why these builders take it: the layout is part of the schedule point.
 """
@@ -173,7 +173,7 @@ def route_logits_func(problem: Problem, panel: int) -> tvm.tirx.PrimFunc:
     return te.create_prim_func([*args, logits])
 
 
-# ---- CUDA variants (schedules/cuda_tvm.py) ------------------------------------------------------------------
+# ---- CUDA variants (schedules/tvm_cuda.py) ------------------------------------------------------------------
 # The GPU kernels read the weights in their natural layout (E, U*I, H) and (E, H, I): a weight row is contiguous
 # along the reduction, so a thread block stages (rows x BK) tiles of both operands in shared memory with
 # coalesced, vectorised loads and nothing is packed on the host (a deployed model passes its parameters as they

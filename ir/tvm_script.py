@@ -19,8 +19,9 @@ TAKEN = -3.4e38  # below NEG: marks an expert as already chosen
 def route_select_func(problem: Problem):
     """logits (T,E) f32, cbias (E,) f32 -> weights (T,K) f32, ids (T,K) i32, per the router kind.
 
-    Kinds as in model/config.py: softmax / sigmoid score first; topk_softmax / topk_sigmoid / topk_hard choose
-    on the raw logits, then weigh the chosen: softmax over K, sigmoid, or 1.0 (unweighted selection)."""
+    Kinds as in model/config/moe_config.py: softmax / sigmoid score first; topk_softmax / topk_sigmoid /
+    topk_hard choose on the raw logits, then weigh the chosen: softmax over K, sigmoid, or 1.0 (unweighted
+    selection)."""
     e_, k_, router = problem["E"], problem["K"], problem["router"]
     ng, tg, top2, cbias = (
         problem["n_group"],

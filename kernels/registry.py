@@ -22,10 +22,10 @@ PREFERENCE = {"cpu": ("tvm", "torch", "triton", "tvm_cuda"), "cuda": ("triton", 
 BACKEND_TARGETS = {"tvm": ("cpu",), "torch": ("cpu", "cuda"), "triton": ("cuda",), "tvm_cuda": ("cuda",)}
 # Modules that register implementations when imported (kept lazy: importing TVM takes seconds).
 _BACKEND_MODULES = {
-    "torch": "moetune.kernels.moe_torch",
-    "tvm": "moetune.kernels.moe_tvm",
-    "triton": "moetune.kernels.moe_triton",
-    "tvm_cuda": "moetune.kernels.tvm_cuda",
+    "torch": "moetune.kernels.torch.launchers",
+    "tvm": "moetune.kernels.tvm_cpu.launchers",
+    "triton": "moetune.kernels.triton.launchers",
+    "tvm_cuda": "moetune.kernels.tvm_cuda.launchers",
 }
 
 

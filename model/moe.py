@@ -28,6 +28,7 @@ from torch import nn
 
 from moetune.kernels import reference as ref
 from moetune.model.config import MoEConfig
+from moetune.model.hf.blocks import hf_block_config, hf_block_weights
 
 
 def _param(*shape: int, dtype: torch.dtype, fan_in: int) -> nn.Parameter:
@@ -100,9 +101,11 @@ class MoE(nn.Module):
     @classmethod
     def from_hf_block(cls, block: nn.Module) -> MoE:
         """A reference MoE holding a copy of a Hugging Face sparse-MoE block's weights."""
-        from moetune.model.hf_block import moe_from_hf_block
-
-        return moe_from_hf_block(block)
+        cfg = hf_block_config(block)
+        moe = cls(cfg)
+        state = hf_block_weights(block, cfg)
+        moe.load_state_dict({k: v.clone().contiguous() for k, v in state.items()}, strict=True)
+        return moe
 
     def extra_repr(self) -> str:
         c = self.cfg

@@ -4,7 +4,7 @@ Layout of a package directory (every file is listed in the manifest with its SHA
   manifest.json        {"format": "moetune-package", "schema": 1, "kind", "versions", "targets", "files"}
   moetune.json         {"kind", "moe_configs": {module path: MoEConfig dict}, and the kind's own config}
   model.safetensors    the weights, under the model's own state_dict keys
-  kernels.json         the tuned kernel records (autotune/db.py's export format) for the packaged targets
+  kernels.json         the tuned kernel records (kernels/db/'s export format) for the packaged targets
   config.json, generation_config.json, tokenizer files     for Hugging Face models (written by HF)
 
 Kinds:
@@ -36,7 +36,7 @@ from moetune.model.moe import MoE
 FORMAT, SCHEMA = "moetune-package", 1
 MANIFEST, META, WEIGHTS, KERNELS = "manifest.json", "moetune.json", "model.safetensors", "kernels.json"
 _KINDS: dict[str, type] = {}
-_BUILTIN_KINDS = {"moetune-encoder": ("moetune.model.student", "MoEStudent")}  # imported when first loaded
+_BUILTIN_KINDS = {"moetune-encoder": ("moetune.model.distill.student", "MoEStudent")}  # imported when first loaded
 
 
 class PackageError(ValueError):
@@ -57,8 +57,8 @@ def _sha256(path: Path) -> str:
 
 
 def _moe_blocks(model: nn.Module) -> dict[str, MoEConfig]:
-    from moetune.model.hf_block import SUPPORTED_BLOCKS, hf_block_config
-    from moetune.model.tuned import TunedMoE
+    from moetune.model.hf.blocks import SUPPORTED_BLOCKS, hf_block_config
+    from moetune.model.runtime.tuned import TunedMoE
 
     found: dict[str, MoEConfig] = {}
     for name, m in model.named_modules():
@@ -70,11 +70,13 @@ def _moe_blocks(model: nn.Module) -> dict[str, MoEConfig]:
 
 
 def _kind(model: nn.Module) -> str:
-    from moetune.model.tuned import TunedMoE
+    from moetune.model.runtime.tuned import TunedMoE
 
     if isinstance(model, (MoE, TunedMoE)):
-        if isinstance(model, TunedMoE) and model._kind != "moe":
-            raise PackageError(f"a TunedMoE over an HF {model._kind} block is packaged with its model, not alone")
+        if isinstance(model, TunedMoE) and model.hf_block_kind is not None:
+            raise PackageError(
+                f"a TunedMoE over an HF {model.hf_block_kind} block is packaged with its model, not alone"
+            )
         return "moe"
     if getattr(model, "package_kind", None):
         return model.package_kind
@@ -89,12 +91,12 @@ def _kind(model: nn.Module) -> str:
 
 def _records(cfgs: list[MoEConfig], targets: list[str], db: Any) -> list[dict[str, Any]]:
     """The DB's records, at the current versions, of every op these configs lower to, for these targets."""
-    from moetune.autotune.db import current_versions
     from moetune.ir.program import lower
-    from moetune.kernels.target import resolve_target
-    from moetune.model.tuned import _open_db
+    from moetune.ir.target import resolve_target
+    from moetune.kernels.db import current_versions
+    from moetune.model.runtime.plan import runtime_db
 
-    handle = _open_db(db)
+    handle = runtime_db(db)
     resolved = [resolve_target(t) for t in targets]
     names = [t.name for t in resolved]
     if handle is None:
@@ -147,8 +149,8 @@ def package(
     rows = _records(list(blocks.values()), list(targets), db)
     (out / KERNELS).write_text(json.dumps({"schema": 1, "records": rows}, indent=1, sort_keys=True) + "\n")
     (out / META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-    from moetune.autotune.db import current_versions
-    from moetune.kernels.target import resolve_target
+    from moetune.ir.target import resolve_target
+    from moetune.kernels.db import current_versions
 
     files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != MANIFEST)
     bad = [p.name for p in files if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".pickle")]
@@ -209,7 +211,7 @@ def _retarget(record: Any, target_name: str) -> Any:
 
 def kernel_db_for(root: Path, target: Any) -> Any:
     """An in-memory kernel DB of the package's records for `target`, with the fallbacks of the module doc."""
-    from moetune.autotune.db import KernelRecord, MemoryKernelDB
+    from moetune.kernels.db import KernelRecord, MemoryKernelDB
 
     data = json.loads((root / KERNELS).read_text())
     records = [KernelRecord.from_dict(r) for r in data.get("records", [])]
@@ -250,10 +252,10 @@ def load(pkg_dir: str | Path, target: str = "cpu", backends: tuple[str, ...] | N
     """Verify and load a package; returns a runnable module on the package's kernels for `target`."""
     from safetensors.torch import load_model
 
+    from moetune.ir.target import resolve_target
     from moetune.kernels.registry import BACKENDS
-    from moetune.kernels.target import resolve_target
-    from moetune.model.hf import patch
-    from moetune.model.tuned import TunedMoE
+    from moetune.model.hf.patch import patch
+    from moetune.model.runtime.tuned import TunedMoE
 
     root = Path(pkg_dir)
     manifest = read_manifest(root)

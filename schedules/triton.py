@@ -19,7 +19,7 @@ Static constraints prune what can never run well: tiles wider than the problem, 
 the reduction loop, and shared memory that exceeds the largest per-block limit of any architecture even at
 its lowest (num_stages - 1 buffered tiles). The exact per-architecture limits (shared memory, spills,
 registers per SM) come from compiling each point ahead of time (`moetune tune --target sm_90 --prepare`,
-autotune/prepare.py): on a CUDA target the space carries one more constraint, `aot`, which refuses the points
+autotune/tuning/prepare.py): on a CUDA target the space carries one more constraint, `aot`, which refuses the points
 that compile found infeasible for that architecture (points never compiled pass).
 
 Grid sizes: gemm1 1152 points (4 x 4 x 3 x 3 x 2 x 4), gemm2 2304 (x 2 combine), route 162, align 20; the static
@@ -37,8 +37,11 @@ in the fewest parameters.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from moetune.ir.program import Problem
-from moetune.kernels.target import GPU_LIMITS, Target
+from moetune.ir.target import GPU_LIMITS, Target
 from moetune.schedules.space import Constraint, Param, Point, SearchSpace
 
 BLOCK_M = (16, 32, 64, 128)
@@ -175,6 +178,16 @@ def _align_space(problem: Problem) -> SearchSpace:
     )
 
 
+# The prepared compile results, as a function (problem, point, target) -> verdict dict or None. They belong to
+# the Triton kernels (kernels/triton/aot.py), above this module in the flow, which hand it in when imported.
+_VERDICT_SOURCE: list[Callable[[Problem, Point, Target], dict[str, Any] | None] | None] = [None]
+
+
+def set_verdict_source(verdict: Callable[[Problem, Point, Target], dict[str, Any] | None] | None) -> None:
+    """Where the `aot` constraint reads the prepared verdicts (kernels/triton/aot.py registers itself)."""
+    _VERDICT_SOURCE[0] = verdict
+
+
 def static_space(problem: Problem) -> SearchSpace:
     """The op's space with its static constraints only (what prepare compiles)."""
     if problem.op in ("gemm1", "gemm2"):
@@ -190,9 +203,11 @@ def space(problem: Problem, target: Target) -> SearchSpace:
     if target.kind != "cuda":
         return sp
 
-    def compiled_ok(point: Point) -> bool:
-        from moetune.autotune.prepare import verdict
+    verdict = _VERDICT_SOURCE[0]
+    if verdict is None:
+        return sp
 
+    def compiled_ok(point: Point) -> bool:
         found = verdict(problem, point, target)
         return found is None or found["feasible"]
 

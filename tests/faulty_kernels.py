@@ -14,10 +14,10 @@ import os
 import signal
 import time
 
-from moetune.kernels import moe_tvm
 from moetune.kernels.registry import register_impl
+from moetune.kernels.tvm_cpu import launchers as tvm_cpu_launchers
 
-_real = moe_tvm.gemm1
+_real = tvm_cpu_launchers.gemm1
 
 
 @register_impl("gemm1", "tvm")

@@ -18,10 +18,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moetune.ir.program import Problem
+from moetune.ir.target import resolve_target
 from moetune.kernels import reference as ref
 from moetune.kernels.ops import Aligned
 from moetune.kernels.registry import default_config, get_impl
-from moetune.kernels.target import resolve_target
 
 # deadline=None: the first run of each (E, K, BM) compiles a TVM module (~0.3 s).
 FAST = settings(max_examples=60, deadline=None)

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 transformers = pytest.importorskip("transformers")
 
-from moetune.autotune.bench import (  # noqa: E402
+from moetune.autotune.bench.hf import family, hf_block  # noqa: E402
+from moetune.autotune.bench.layer import (  # noqa: E402
     BenchRow,
     append_csv,
     bench_layer,
@@ -25,11 +26,10 @@ from moetune.autotune.bench import (  # noqa: E402
     tuned_vs_hf,
     verify,
 )
-from moetune.autotune.bench_hf import family, hf_block  # noqa: E402
+from moetune.autotune.bench.roofline import Machine, expert_bytes, experts_touched, layer_bytes  # noqa: E402
 from moetune.autotune.cli import app  # noqa: E402
-from moetune.autotune.roofline import Machine, expert_bytes, experts_touched, layer_bytes  # noqa: E402
 from moetune.model import MoEConfig  # noqa: E402
-from moetune.model.hf_block import hf_block_config, hf_block_weights  # noqa: E402
+from moetune.model.hf.blocks import hf_block_config, hf_block_weights  # noqa: E402
 
 FAMILIES = {
     "mixtral-8x7b": "mixtral",
@@ -63,7 +63,7 @@ def test_hf_block_holds_moetune_weights_and_matches(preset):
     assert family(cfg) == FAMILIES[preset]
     ref = reference_layer(cfg)
     block = hf_block(cfg, dict(ref.state_dict()), "eager")
-    # model/hf_block.py's conversion of our block gives back exactly the weights we put in
+    # model/hf/blocks.py's conversion of our block gives back exactly the weights we put in
     assert hf_block_config(block).replace(name="", dtype=cfg.dtype) == cfg.replace(name="")
     back = hf_block_weights(block, cfg)
     assert set(back) == set(ref.state_dict())

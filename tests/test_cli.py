@@ -136,7 +136,7 @@ def test_tune_bad_input_exits_2(tmp_path):
 
 
 def test_parse_duration():
-    from moetune.autotune.tune_cli import parse_duration
+    from moetune.autotune.cli.tune import parse_duration
 
     assert parse_duration("600") == 600 and parse_duration("10m") == 600 and parse_duration("1h30m") == 5400
     assert parse_duration(None) is None

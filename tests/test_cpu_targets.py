@@ -14,9 +14,9 @@ import pytest
 import tvm
 
 from moetune.ir.program import lower
-from moetune.kernels.target import resolve_target
+from moetune.ir.target import resolve_target
 from moetune.model import MoEConfig
-from moetune.schedules import cpu
+from moetune.schedules import tvm_cpu
 
 # target spec -> (fp32 lanes, vector registers, a register name its vector code must use)
 ISAS = {
@@ -30,7 +30,7 @@ QWEN3 = MoEConfig.preset("qwen3-30b-a3b")
 @pytest.mark.parametrize("spec", ISAS)
 def test_simd_shape_comes_from_the_target(spec):
     lanes, vregs, _ = ISAS[spec]
-    assert cpu.simd(resolve_target(spec)) == (lanes, vregs)
+    assert tvm_cpu.simd(resolve_target(spec)) == (lanes, vregs)
 
 
 @pytest.mark.parametrize("spec", ISAS)
@@ -39,7 +39,7 @@ def test_space_and_default_follow_the_register_file(spec, op):
     lanes, vregs, _ = ISAS[spec]
     target = resolve_target(spec)
     problem = lower(QWEN3, 256).op(op)
-    space = cpu.space(problem, target)
+    space = tvm_cpu.space(problem, target)
     nts = space.params[0].choices
     assert nts and all(nt % lanes == 0 for nt in nts)  # a panel is whole vectors
     tiles = 2 if op == "experts.gemm1" else 1  # gate and up accumulators side by side
@@ -50,7 +50,7 @@ def test_space_and_default_follow_the_register_file(spec, op):
     too_big = [p for p in space.grid() if tiles * p["mt"] * p["nt"] // lanes > vregs - 4]
     if op != "route":  # route has one row per tile: nothing it can choose overflows the registers
         assert too_big and all(any("registers" in v for v in space.violations(p)) for p in too_big)
-    default = cpu.default_point(problem, target)
+    default = tvm_cpu.default_point(problem, target)
     assert space.is_feasible(default), space.violations(default)
     width = problem["I"] if op == "experts.gemm1" else problem["H"] if op == "experts.gemm2" else problem["E"]
     assert width % default["nt"] == 0  # qwen3's widths are multiples of every panel: no partial last panel
@@ -61,7 +61,7 @@ def test_more_registers_hold_a_bigger_default_tile():
     problem = lower(QWEN3, 256).op("experts.gemm1")
     vectors = {}
     for spec, (lanes, _, _) in ISAS.items():
-        point = cpu.default_point(problem, resolve_target(spec))
+        point = tvm_cpu.default_point(problem, resolve_target(spec))
         vectors[spec] = point["mt"] * point["nt"] // lanes
     assert vectors["llvm -mcpu=skylake-avx512"] > vectors["llvm -mcpu=znver3"]
 
@@ -74,7 +74,7 @@ def test_every_op_compiles_for_the_isa(spec):
     cfg = MoEConfig(hidden_size=64, intermediate_size=48, num_experts=8, top_k=2)
     for op in lower(cfg, 16):
         problem = op.problem
-        module = cpu.scheduled_module(problem, cpu.default_point(problem, target), target)
+        module = tvm_cpu.scheduled_module(problem, tvm_cpu.default_point(problem, target), target)
         asm = tvm.compile(module, target=tvm.target.Target(target.tvm)).mod.inspect_source("asm")
         assert asm, op.name
         if problem.op in ("gemm1", "gemm2"):

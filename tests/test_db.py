@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from moetune.autotune.db import (
+from moetune.kernels.db import (
     SCHEMA_VERSION,
     KernelDB,
     KernelDBError,
@@ -27,7 +27,7 @@ from moetune.autotune.db import (
     default_db_path,
     open_db,
 )
-from moetune.autotune.db_sql import SQLKernelDB
+from moetune.kernels.db.sql import SQLKernelDB
 
 V1 = {"moetune": "0.1.0", "tvm": "0.27.0", "triton": "3.4.0", "torch": "2.13.0", "source": "abcdef0123456789"}
 V0 = {**V1, "tvm": "0.26.0"}  # an older TVM: records tuned with it are stale
@@ -266,6 +266,9 @@ def test_open_db_dispatch(tmp_path, monkeypatch):
     monkeypatch.setenv("MOETUNE_DB", "sqlite://")
     assert default_db_path() == "sqlite://"
     monkeypatch.delenv("MOETUNE_DB")
+    monkeypatch.setenv("MOETUNE_CACHE_DIR", str(tmp_path / "cache"))  # the one cache root holds the default DB
+    assert default_db_path() == tmp_path / "cache" / "kernels.db"
+    monkeypatch.delenv("MOETUNE_CACHE_DIR")
     assert default_db_path() == Path.home() / ".cache" / "moetune" / "kernels.db"
 
 
@@ -324,7 +327,7 @@ def test_password_is_masked_in_errors():
 
 _PUTTER = """
 import random, sys
-from moetune.autotune.db import KernelKey, KernelRecord, open_db
+from moetune.kernels.db import KernelKey, KernelRecord, open_db
 path, seed = sys.argv[1], int(sys.argv[2])
 rng = random.Random(seed)
 db = open_db(path)

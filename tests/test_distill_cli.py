@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from moetune.autotune.cli import app
 from moetune.model import load
-from moetune.model.text import is_available
+from moetune.model.distill.text import is_available
 
 runner = CliRunner()
 pytestmark = pytest.mark.skipif(not is_available(), reason="Debian package `fortunes` not installed")
@@ -51,7 +51,7 @@ def test_distill_packages_a_student_that_loads_and_encodes(tiny_teacher_dir, tmp
     student = load(out)
     emb = student.encode(["Knowledge is power.", "Better late than never."])
     assert emb.shape == (2, 32) and abs(float(emb[0].norm()) - 1) < 1e-4
-    from moetune.model.tuned import TunedMoE
+    from moetune.model.runtime.tuned import TunedMoE
 
     assert sum(isinstance(m, TunedMoE) for m in student.modules()) == 2  # both FFNs on moetune's kernels
 

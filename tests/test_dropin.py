@@ -188,11 +188,11 @@ def test_patch_errors_and_moetune_modules():
 def test_from_pretrained_with_moetune_and_db_records(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from moetune.autotune.db import KernelKey, KernelRecord, MemoryKernelDB, current_versions
     from moetune.ir.program import lower
+    from moetune.ir.target import resolve_target
+    from moetune.kernels.db import KernelKey, KernelRecord, MemoryKernelDB, current_versions
     from moetune.kernels.registry import default_config
-    from moetune.kernels.target import resolve_target
-    from moetune.model.hf_block import hf_block_config
+    from moetune.model.hf.blocks import hf_block_config
 
     eager = _model("qwen3_moe", experts_implementation="eager")
     eager.save_pretrained(tmp_path / "m")

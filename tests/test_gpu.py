@@ -17,9 +17,9 @@ import torch
 from conftest import rel_err
 
 from moetune.ir.program import lower
+from moetune.ir.target import resolve_target
 from moetune.kernels import reference as ref
 from moetune.kernels.registry import KernelConfig, default_config, get_impl
-from moetune.kernels.target import resolve_target
 from moetune.model import MoE, MoEConfig, TunedMoE
 from moetune.schedules import triton as spaces
 
@@ -208,9 +208,9 @@ def test_tuned_moe_on_triton_bf16(name):
 
 def test_prepared_resources_match_the_driver(target, tmp_path, monkeypatch):
     """prepare's ahead-of-time numbers (shared memory, registers) are the ones of the kernel the launcher runs."""
-    from moetune.autotune import prepare as prep
-    from moetune.kernels import triton_gemm
-    from moetune.kernels.moe_triton import aot_spec
+    from moetune.autotune.tuning import prepare as prep
+    from moetune.kernels.triton import gemm_kernels
+    from moetune.kernels.triton.aot import aot_spec
 
     monkeypatch.setenv("MOETUNE_CACHE_DIR", str(tmp_path))
     _, layer, program, x, al = _gemm_case("qwen3-like", 256)
@@ -219,8 +219,8 @@ def test_prepared_resources_match_the_driver(target, tmp_path, monkeypatch):
     aot = prep.compile_spec(aot_spec(g1, point), target.capability)
     out = torch.empty(al.num_blocks * g1["BM"], g1["I"], device="cuda", dtype=torch.bfloat16)
     ex = layer.experts
-    compiled = triton_gemm.launch_gemm1(
-        triton_gemm._gemm1_kernel,
+    compiled = gemm_kernels.launch_gemm1(
+        gemm_kernels._gemm1_kernel,
         g1,
         point,
         x,
@@ -262,7 +262,7 @@ def test_short_tune_of_a_gemm(op, target):
     assert all(t > 0 for t in timings)
 
 
-# ---- the TVM CUDA backend (kernels/tvm_cuda.py): cubins built here with nvcc, launched through CuPy ----------
+# ---- the TVM CUDA backend (kernels/tvm_cuda/): cubins built here with nvcc, launched through CuPy ----------------
 @pytest.mark.parametrize("t", TOKENS)
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_tvm_cuda_gemms_bf16_within_twice_torch(name, t, target):
@@ -325,9 +325,9 @@ def test_short_calls_are_graph_replays_and_syncing_calls_keep_their_events():
 def test_gpu_roofline_and_bench_rows():
     import math
 
-    from moetune.autotune.bench import bench_layer, speedup_over
+    from moetune.autotune.bench.layer import bench_layer, speedup_over
+    from moetune.autotune.bench.roofline import measure_machine
     from moetune.autotune.measure import machine_name
-    from moetune.autotune.roofline import measure_machine
 
     machine = measure_machine(("bfloat16",), n=4096, nbytes=256 << 20, device="cuda")
     assert machine.roof_stream == "copy" and machine.peak_gflops["bfloat16"] > machine.peak_gflops["float32"]

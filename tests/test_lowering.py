@@ -9,9 +9,9 @@ import sys
 import pytest
 
 from moetune.ir.program import Problem, block_m_for, lower, m_bucket
-from moetune.kernels.target import resolve_target
+from moetune.ir.target import resolve_target
 from moetune.model import MoEConfig
-from moetune.schedules import cpu
+from moetune.schedules import tvm_cpu
 
 
 def test_program_ops_in_order():
@@ -78,8 +78,8 @@ def test_default_points_are_feasible(name):
     target = resolve_target("cpu")
     for t in (1, 16, 256):
         for op in lower(MoEConfig.preset(name), t):
-            space = cpu.space(op.problem, target)
-            point = cpu.default_point(op.problem, target)
+            space = tvm_cpu.space(op.problem, target)
+            point = tvm_cpu.default_point(op.problem, target)
             assert space.is_feasible(point), (op.name, point, space.violations(point))
 
 
@@ -87,7 +87,7 @@ def test_default_panel_width_divides_the_output_width():
     """gpt-oss-20b/4 has H = I = 720: 32- and 64-wide panels leave a partial last panel (measured 2.8-4.4x slower
     on the whole layer at T=16); the default takes a width that divides the output whenever one fits."""
     target = resolve_target("cpu")
-    lanes, _ = cpu.simd(target)
+    lanes, _ = tvm_cpu.simd(target)
     for cfg in (
         MoEConfig.preset("gpt-oss-20b").shrunk(4),
         MoEConfig(hidden_size=40, intermediate_size=24, num_experts=4, top_k=2),
@@ -96,14 +96,14 @@ def test_default_panel_width_divides_the_output_width():
             for op in lower(cfg, t):
                 if op.problem.op in ("gemm1", "gemm2"):
                     width = op.problem["I"] if op.problem.op == "gemm1" else op.problem["H"]
-                    nt = cpu.default_point(op.problem, target)["nt"]
+                    nt = tvm_cpu.default_point(op.problem, target)["nt"]
                     assert width % nt == 0 or width % lanes, (op.name, t, width, nt)
 
 
 def test_space_is_data_with_named_constraints():
     target = resolve_target("cpu")
     problem = lower(MoEConfig.preset("qwen3-30b-a3b"), 256).op("experts.gemm1")
-    space = cpu.space(problem, target)
+    space = tvm_cpu.space(problem, target)
     assert space.names == ("nt", "mt", "kt", "order", "par")
     assert set(space.describe()["constraints"]) == {
         "mt_divides_bm",
@@ -115,18 +115,18 @@ def test_space_is_data_with_named_constraints():
     assert 0 < len(feasible) < sum(1 for _ in space.grid())
     assert any("mt_divides_bm" in v for v in space.violations({**feasible[0], "mt": 3}))
     nts = space.params[0].choices  # this host's panel widths: multiples of its SIMD lanes
-    assert nts == tuple(v for v in cpu.NT_CHOICES if v % cpu.simd(target)[0] == 0)
+    assert nts == tuple(v for v in tvm_cpu.NT_CHOICES if v % tvm_cpu.simd(target)[0] == 0)
     assert space.violations({**feasible[0], "nt": 7}) == [f"nt=7 not in {nts}"]
     with pytest.raises(ValueError, match="infeasible point"):
-        cpu.scheduled_module(problem, {**feasible[0], "mt": 3}, target)
+        tvm_cpu.scheduled_module(problem, {**feasible[0], "mt": 3}, target)
 
 
 def test_non_gated_gemm1_keeps_one_accumulator_tile():
     """A gated tile holds gate and up accumulators (2 x mt x nt), a non-gated one only up: bigger tiles fit."""
     target = resolve_target("cpu")
     cfg = MoEConfig(hidden_size=64, intermediate_size=64, num_experts=8, top_k=2, activation="gelu")
-    gated = cpu.space(lower(cfg, 256).op("experts.gemm1"), target)
-    plain = cpu.space(lower(cfg.replace(gated=False), 256).op("experts.gemm1"), target)
+    gated = tvm_cpu.space(lower(cfg, 256).op("experts.gemm1"), target)
+    plain = tvm_cpu.space(lower(cfg.replace(gated=False), 256).op("experts.gemm1"), target)
     assert all(plain.is_feasible(p) for p in gated.points())
     only_plain = [p for p in plain.points() if not gated.is_feasible(p)]
     assert only_plain  # e.g. mt=8 x nt=lanes: 8 accumulator vectors fit the free registers, 16 need more on AVX2
@@ -136,17 +136,17 @@ def test_non_gated_gemm1_keeps_one_accumulator_tile():
 _BUILD = """
 import sys
 from moetune.ir.program import lower
-from moetune.kernels import tvm_build
-from moetune.kernels.target import resolve_target
+from moetune.kernels.tvm_cpu import build as tvm_build
+from moetune.ir.target import resolve_target
 from moetune.model import MoEConfig
-from moetune.schedules import cpu
+from moetune.schedules import tvm_cpu
 if sys.argv[1] == "forbid":
     def no_compile(*a, **k):
         raise SystemExit("recompiled although the cache holds the kernel")
     tvm_build.compile_op = no_compile
 p = lower(MoEConfig(hidden_size=24, intermediate_size=16, num_experts=4, top_k=2), 8).op("experts.gemm1")
 t = resolve_target("cpu")
-tvm_build.build(p, cpu.default_point(p, t), t)
+tvm_build.build(p, tvm_cpu.default_point(p, t), t)
 print(len(list(tvm_build.cache_dir().glob("*.so"))))
 """
 

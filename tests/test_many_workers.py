@@ -18,7 +18,7 @@ import time
 import optuna
 import pytest
 
-from moetune.autotune.db import open_db
+from moetune.kernels.db import open_db
 
 pytestmark = pytest.mark.slow
 
@@ -145,7 +145,33 @@ def test_credentials_are_never_printed(tmp_path):
 
 
 def test_mask_url():
-    from moetune.autotune.storage import mask_url
+    from moetune.autotune.tuning.storage import mask_url
 
     text = "failed for postgresql+psycopg://bob:s3cr3t@db.example:5432/tune and sqlite:///x.db"
     assert mask_url(text) == "failed for postgresql+psycopg://bob:***@db.example:5432/tune and sqlite:///x.db"
+
+
+def test_workers_summary_reads_the_keys_of_the_target_kind(tmp_path, capsys):
+    """`moetune tune --target cuda --workers N` summarises the winners stored under CUDA-lowered keys (the summary
+    once lowered for the CPU: other BM, other signatures, nothing found)."""
+    from moetune.autotune.cli.tune_parallel import _summary
+    from moetune.ir.program import lower
+    from moetune.ir.target import resolve_target
+    from moetune.kernels.db import KernelRecord, current_versions, kernel_key, layer_keys
+    from moetune.kernels.registry import default_config
+    from moetune.model import MoEConfig
+
+    cfg = MoEConfig(hidden_size=64, intermediate_size=32, num_experts=8, top_k=2)
+    gpu = resolve_target("sm_90")
+    keys = layer_keys(cfg, gpu, 16)
+    cpu_gemm1 = lower(cfg, 16).op("experts.gemm1")
+    assert keys["experts.gemm1"] != kernel_key(gpu, cpu_gemm1, 16)  # the two lowerings name different problems
+    problem = lower(cfg, 16, target_kind="cuda").op("experts.gemm1")
+    point = default_config(problem, "triton", gpu).as_dict()
+    record = KernelRecord(keys["experts.gemm1"], current_versions(), "triton", point, 0.1, 0.2, 0.3, 0.4, 7)
+    db = tmp_path / "k.db"
+    with open_db(str(db)) as database:
+        database.put(record)
+    _summary(cfg, [16], "sm_90", str(db), as_json=True)
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["name"], r["backend"], r["trials"]) for r in rows] == [("experts.gemm1", "triton", 7)]

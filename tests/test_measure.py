@@ -6,12 +6,12 @@ import time
 
 import optuna
 
-from moetune.autotune.db import MemoryKernelDB
 from moetune.autotune.measure import MIN_SAMPLES, measure
-from moetune.autotune.search import EARLY_STOP, StudyContext, tune_op
-from moetune.autotune.worker import Result
+from moetune.autotune.tuning.search import EARLY_STOP, StudyContext, tune_op
+from moetune.autotune.tuning.trial import Result
 from moetune.ir.program import lower
-from moetune.kernels.target import resolve_target
+from moetune.ir.target import resolve_target
+from moetune.kernels.db import MemoryKernelDB
 from moetune.model import MoEConfig
 
 
@@ -72,8 +72,8 @@ def test_the_tuner_passes_a_multiple_of_the_study_best_as_cutoff(tmp_path):
 def test_a_slow_check_call_at_the_studys_t_is_the_warm_up(monkeypatch):
     """evaluate(): 3 checks (T=1, one expert, the study's T); when the last takes over WARMUP_ENOUGH_S the timing
     starts at once (no warm-up), and stops after the task's max_seconds (at least 3 calls)."""
-    from moetune.autotune import evaluate as ev
-    from moetune.autotune.worker import Task
+    from moetune.autotune.tuning import evaluate as ev
+    from moetune.autotune.tuning.trial import Task
     from moetune.kernels.registry import ImplInfo, get_impl
 
     calls = []

@@ -26,11 +26,11 @@ import torch.nn.functional as F
 from conftest import rel_err
 
 from moetune.ir.program import Problem, lower
+from moetune.ir.target import resolve_target
 from moetune.kernels import reference as ref
 from moetune.kernels.registry import backend_info, default_config, get_impl
-from moetune.kernels.target import resolve_target
 from moetune.model import MoE, MoEConfig, TunedMoE
-from moetune.schedules import cpu
+from moetune.schedules import tvm_cpu
 
 BACKENDS = ("torch", "tvm")
 DTYPES = ("float32", "bfloat16")
@@ -439,15 +439,15 @@ GEMM1 = {"H": 37, "I": 29, "E": 7, "BM": 4}
 )
 def test_infeasible_tvm_point_names_the_constraint(change, constraint, target):
     problem = _gemm1_problem("float32", *GEMM1.values(), "silu", False, False)
-    point = {**cpu.default_point(problem, target), **change}
+    point = {**tvm_cpu.default_point(problem, target), **change}
     with pytest.raises(ValueError, match=constraint):
-        cpu.scheduled_module(problem, point, target)
+        tvm_cpu.scheduled_module(problem, point, target)
 
 
 def test_infeasible_config_is_refused_by_tuned_moe(target):
     cfg = MoEConfig(hidden_size=37, intermediate_size=29, num_experts=7, top_k=2)
     problem = lower(cfg, 13).op("experts.gemm1")
-    point = {**cpu.default_point(problem, target), "mt": 3}  # BM is a power of two: 3 never divides it
+    point = {**tvm_cpu.default_point(problem, target), "mt": 3}  # BM is a power of two: 3 never divides it
     moe = TunedMoE(cfg, configs={"experts.gemm1": {"backend": "tvm", "params": point}})
     with pytest.raises(ValueError, match="mt_divides_bm"):
         moe(torch.randn(13, 37))
@@ -498,23 +498,23 @@ def test_default_point_of_every_op_is_feasible(backend, target):
 def test_packed_weights_are_memoised_with_at_most_max_layouts_per_weight():
     """A packed copy is reused while its weight is unchanged; an in-place update repacks; at most MAX_LAYOUTS
     panel widths are kept per weight (least recently used dropped), so trying every width cannot pile up copies."""
-    from moetune.kernels import moe_tvm
+    from moetune.kernels.tvm_cpu import launchers as tvm_cpu_launchers
 
     w = torch.randn(2, 16, 8)
     full = slice(None)
 
     def mine() -> list:
-        return [key for key, (owner, _) in moe_tvm._PACKED.items() if owner() is w]
+        return [key for key, (owner, _) in tvm_cpu_launchers._PACKED.entries.items() if owner() is w]
 
-    p8 = moe_tvm._packed(w, full, 8)
-    assert moe_tvm._packed(w, full, 8) is p8  # memoised
-    assert torch.equal(p8, moe_tvm.pack_panels(w, 8))
-    p16 = moe_tvm._packed(w, full, 16)
-    assert moe_tvm._packed(w, full, 8) is p8 and len(mine()) == 2  # 8 is now the most recent
-    moe_tvm._packed(w, full, 4)  # a third width drops the least recently used one (16)
-    assert len(mine()) == moe_tvm.MAX_LAYOUTS == 2
-    assert moe_tvm._packed(w, full, 8) is p8 and moe_tvm._packed(w, full, 16) is not p16
+    p8 = tvm_cpu_launchers._packed(w, full, 8)
+    assert tvm_cpu_launchers._packed(w, full, 8) is p8  # memoised
+    assert torch.equal(p8, tvm_cpu_launchers.pack_panels(w, 8))
+    p16 = tvm_cpu_launchers._packed(w, full, 16)
+    assert tvm_cpu_launchers._packed(w, full, 8) is p8 and len(mine()) == 2  # 8 is now the most recent
+    tvm_cpu_launchers._packed(w, full, 4)  # a third width drops the least recently used one (16)
+    assert len(mine()) == tvm_cpu_launchers.MAX_LAYOUTS == 2
+    assert tvm_cpu_launchers._packed(w, full, 8) is p8 and tvm_cpu_launchers._packed(w, full, 16) is not p16
     with torch.no_grad():
         w.mul_(2)  # in-place update: the version changes, the layout is packed again from the new values
-    assert torch.equal(moe_tvm._packed(w, full, 8), moe_tvm.pack_panels(w, 8))
+    assert torch.equal(tvm_cpu_launchers._packed(w, full, 8), tvm_cpu_launchers.pack_panels(w, 8))
     assert len(mine()) <= 2

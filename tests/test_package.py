@@ -11,10 +11,10 @@ import warnings
 import pytest
 import torch
 
-from moetune.autotune.db import KernelKey, KernelRecord, MemoryKernelDB, current_versions
 from moetune.ir.program import lower
+from moetune.ir.target import resolve_target
+from moetune.kernels.db import KernelKey, KernelRecord, MemoryKernelDB, current_versions
 from moetune.kernels.registry import default_config
-from moetune.kernels.target import resolve_target
 from moetune.model import MoE, MoEConfig, TunedMoE, load, package
 from moetune.model.packaging import PackageError, read_manifest
 

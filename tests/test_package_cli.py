@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from moetune.autotune.cli import app
-from moetune.autotune.db import MemoryKernelDB
+from moetune.kernels.db import MemoryKernelDB
 from moetune.model import MoE, MoEConfig, package
 
 pytest.importorskip("transformers")

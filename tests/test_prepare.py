@@ -16,11 +16,11 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from moetune.autotune import prepare as prep
 from moetune.autotune.cli import app
+from moetune.autotune.tuning import prepare as prep
 from moetune.ir.program import Problem, lower
+from moetune.ir.target import GPU_LIMITS, cuda_gpus, device_slug, resolve_target
 from moetune.kernels.registry import backends_for
-from moetune.kernels.target import GPU_LIMITS, cuda_gpus, device_slug, resolve_target
 from moetune.model import MoEConfig
 from moetune.schedules import triton as spaces
 
@@ -68,7 +68,7 @@ def test_a_gpu_device_target_keeps_its_arch_and_falls_back_to_it():
 
 
 def test_tuned_moe_uses_the_device_records_then_the_arch_records():
-    from moetune.autotune.db import KernelKey, KernelRecord, MemoryKernelDB, current_versions
+    from moetune.kernels.db import KernelKey, KernelRecord, MemoryKernelDB, current_versions
     from moetune.model import MoE, TunedMoE
 
     cfg = MoEConfig(hidden_size=64, intermediate_size=32, num_experts=4, top_k=2, dtype="bfloat16")
@@ -128,7 +128,7 @@ def test_default_triton_point_of_every_op_is_feasible(kind):
 
 # ---- real ahead-of-time compiles ---------------------------------------------------------------------------
 def _compile(problem: Problem, point: dict, arch: str) -> dict:
-    from moetune.kernels.moe_triton import aot_spec
+    from moetune.kernels.triton.aot import aot_spec
 
     target = resolve_target(arch)
     return prep.assess(

@@ -1,4 +1,4 @@
-"""The tuner's search loop (autotune/search.py `explore`) and the narrowed space it samples from.
+"""The tuner's search loop (autotune/tuning/search.py `explore`) and the narrowed space it samples from.
 
 A fake space with a coupling constraint and a unary one (a choice no feasible point uses), and a counting
 `measure`, check the budget rules without building anything: only measurements count, infeasible proposals
@@ -10,8 +10,8 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from moetune.autotune.samplers import SAMPLERS, make_sampler
-from moetune.autotune.search import TrialFailed, explore, measured
+from moetune.autotune.tuning.samplers import SAMPLERS, make_sampler
+from moetune.autotune.tuning.search import TrialFailed, explore, measured
 from moetune.schedules.space import Constraint, Param, SearchSpace
 
 SPACE = SearchSpace(

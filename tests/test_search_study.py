@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from moetune.autotune.cli import app
-from moetune.autotune.search_study import (
+from moetune.autotune.sampler_study.replay import (
     SAMPLERS,
     GridPoint,
     GridTable,
@@ -27,7 +27,7 @@ from moetune.autotune.search_study import (
     targets,
     trials_to_within,
 )
-from moetune.autotune.search_study_report import markdown
+from moetune.autotune.sampler_study.report import markdown
 from moetune.schedules.space import Constraint, Param, SearchSpace
 
 SPACE = SearchSpace(

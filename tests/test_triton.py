@@ -186,8 +186,8 @@ def _impl(op):
 
 
 def _config(problem, overrides=None):
+    from moetune.ir.target import resolve_target
     from moetune.kernels.registry import KernelConfig
-    from moetune.kernels.target import resolve_target
     from moetune.schedules import triton as spaces
 
     target = resolve_target("cpu")
@@ -321,8 +321,8 @@ def check_layer(overrides, tokens):
     from conftest import rel_err
 
     from moetune.ir.program import lower
+    from moetune.ir.target import resolve_target
     from moetune.kernels.registry import default_config
-    from moetune.kernels.target import resolve_target
     from moetune.model import MoE, MoEConfig, TunedMoE
 
     cfg = MoEConfig(hidden_size=40, intermediate_size=29, **overrides)
@@ -615,9 +615,9 @@ def _with_empty_blocks(al, extra: int):
 @pytest.mark.parametrize("backend", ["reference", "torch", "tvm"])
 def test_gemms_accept_empty_trailing_blocks(backend):
     from moetune.ir.program import Problem
+    from moetune.ir.target import resolve_target
     from moetune.kernels import reference as ref
     from moetune.kernels.registry import default_config, get_impl
-    from moetune.kernels.target import resolve_target
 
     t, k, e, h, i, bm = 9, 2, 7, 24, 16, 4
     ids = _ids(t, k, e, (1, 2, 5))
@@ -660,8 +660,8 @@ def test_max_blocks_bounds_every_align():
 
 def test_cpu_tensors_need_the_interpreter():
     from moetune.ir.program import Problem
+    from moetune.ir.target import resolve_target
     from moetune.kernels.registry import default_config, get_impl
-    from moetune.kernels.target import resolve_target
 
     target = resolve_target("cpu")
     problem = Problem.make("align", "int32", E=4, K=2, BM=4)

@@ -16,11 +16,11 @@ import torch
 from conftest import rel_err
 
 from moetune.autotune import tune
-from moetune.autotune.db import open_db
-from moetune.autotune.search import measured
-from moetune.kernels.target import resolve_target
+from moetune.autotune.tuning.search import measured
+from moetune.ir.target import resolve_target
+from moetune.kernels.db import open_db
 from moetune.model import MoE, MoEConfig, TunedMoE
-from moetune.schedules import cpu
+from moetune.schedules import tvm_cpu
 
 TESTS = Path(__file__).parent
 SMALL = MoEConfig(hidden_size=64, intermediate_size=48, num_experts=8, top_k=2, name="tiny")
@@ -166,10 +166,10 @@ def test_killed_run_resumes_without_repeating_finished_trials(tmp_path):
     ids=["raises", "segfaults", "hangs", "wrong-numbers"],
 )
 def test_worker_turns_each_failure_into_a_reason(point, reason, monkeypatch):
-    from moetune.autotune.worker import Task, Worker
+    from moetune.autotune.tuning.worker import Task, Worker
 
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
-    lanes = cpu.simd(resolve_target("cpu"))[0]  # the narrowest panel this host's space has
+    lanes = tvm_cpu.simd(resolve_target("cpu"))[0]  # the narrowest panel this host's space has
     params = {"nt": lanes, "order": "panels_outer", "par": "fused", **point}
     worker = Worker()
     try:

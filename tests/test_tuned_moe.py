@@ -6,12 +6,12 @@ import pytest
 import torch
 from conftest import rel_err
 
+from moetune.ir.target import resolve_target
 from moetune.kernels.registry import KernelConfig
-from moetune.kernels.target import resolve_target
 from moetune.model import MoE, MoEConfig, TunedMoE
-from moetune.schedules import cpu
+from moetune.schedules import tvm_cpu
 
-LANES = cpu.simd(resolve_target("cpu"))[0]  # the narrowest panel in this host's space (8 on AVX2, 16 on AVX-512)
+LANES = tvm_cpu.simd(resolve_target("cpu"))[0]  # the narrowest panel in this host's space (8 on AVX2, 16 on AVX-512)
 
 
 def small(name: str, dtype: str) -> MoEConfig:

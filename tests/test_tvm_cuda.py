@@ -20,12 +20,12 @@ from pathlib import Path
 import pytest
 
 from moetune.ir.program import Problem
-from moetune.kernels import cupy_launch
+from moetune.ir.target import resolve_target
 from moetune.kernels.registry import backends_for, default_config
-from moetune.kernels.target import resolve_target
-from moetune.schedules import cuda_tvm
+from moetune.kernels.tvm_cuda import cupy_launch
+from moetune.schedules import tvm_cuda as tvm_cuda_schedules
 
-tvm_cuda = pytest.importorskip("moetune.kernels.tvm_cuda")
+tvm_cuda = pytest.importorskip("moetune.kernels.tvm_cuda.launchers")
 pytestmark = pytest.mark.skipif(tvm_cuda.nvcc() is None, reason="needs nvcc")
 
 
@@ -51,8 +51,8 @@ CASES = [
 @pytest.mark.parametrize(("arch", "problem", "point"), CASES, ids=lambda v: str(v)[:40] if v is not None else "default")
 def test_cubin_and_launch_metadata(arch, problem, point):
     target = resolve_target(arch)
-    point = point or cuda_tvm.default_point(problem, target)
-    assert cuda_tvm.space(problem, target).is_feasible(point)
+    point = point or tvm_cuda_schedules.default_point(problem, target)
+    assert tvm_cuda_schedules.space(problem, target).is_feasible(point)
     cubin, meta = tvm_cuda.build(problem, point, target)
     data = Path(cubin).read_bytes()
     assert data[:4] == b"\x7fELF" and meta["cubin_bytes"] == len(data)
@@ -67,12 +67,16 @@ def test_cubin_and_launch_metadata(arch, problem, point):
         threads = kernel["block"][0] * kernel["block"][1] * kernel["block"][2]
         assert threads == kernel["launch_bound"] <= 1024
         assert 0 < kernel["registers"] <= 255 and kernel["spill_stores"] == 0
-        assert kernel["static_smem"] + kernel["dynamic_smem"] <= min(limits.smem_per_block, cuda_tvm.STATIC_SMEM)
+        assert kernel["static_smem"] + kernel["dynamic_smem"] <= min(
+            limits.smem_per_block, tvm_cuda_schedules.STATIC_SMEM
+        )
         assert all(a["name"] and a["dtype"] in cupy_launch.TORCH_DTYPES for a in kernel["args"])
         assert {a["name"] for a in kernel["args"] if not a["pointer"]} <= set(sizes)
         assert all(v >= 1 for v in cupy_launch.grid_of(kernel, sizes))
     main = meta["kernels"][0]
-    assert main["static_smem"] == cuda_tvm.smem_bytes(problem, point)  # ptxas agrees with the space's accounting
+    assert main["static_smem"] == tvm_cuda_schedules.smem_bytes(
+        problem, point
+    )  # ptxas agrees with the space's accounting
     n = problem["I"] if problem.op == "gemm1" else problem["H"]
     assert cupy_launch.grid_of(main, sizes) == (7 * problem["BM"] // point["BMT"], n // point["BN"], 1)
     assert {"bexp", "w"} <= {a["name"] for a in main["args"]}
@@ -93,11 +97,11 @@ def test_empty_blocks_are_guarded_in_the_source():
 
 def test_second_build_is_a_cache_hit(tmp_path, monkeypatch):
     problem, target = _gemm2("float16"), resolve_target("sm_90")
-    point = cuda_tvm.default_point(problem, target)
+    point = tvm_cuda_schedules.default_point(problem, target)
     monkeypatch.setenv("MOETUNE_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(tvm_cuda, "_LOADED", {})
+    monkeypatch.setattr(tvm_cuda._CACHE, "memory", {})
     first = tvm_cuda.build(problem, point, target)
-    monkeypatch.setattr(tvm_cuda, "_LOADED", {})
+    monkeypatch.setattr(tvm_cuda._CACHE, "memory", {})
     monkeypatch.setattr(tvm_cuda, "compile_cubin", lambda *a: pytest.fail("recompiled"))
     assert tvm_cuda.build(problem, point, target) == first
 
@@ -109,5 +113,5 @@ def test_registry_and_spaces():
     assert backends_for("align", "cuda", ("tvm_cuda",)) == []  # GEMMs only
     for problem in (_gemm1("bfloat16", True), _gemm1("float16", False, bm=128), _gemm2("bfloat16", bm=32)):
         config = default_config(problem, "tvm_cuda", target)
-        assert cuda_tvm.space(problem, target).is_feasible(config.as_dict())
-        assert len(list(cuda_tvm.space(problem, target).points())) > 10
+        assert tvm_cuda_schedules.space(problem, target).is_feasible(config.as_dict())
+        assert len(list(tvm_cuda_schedules.space(problem, target).points())) > 10

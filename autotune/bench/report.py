@@ -1,0 +1,107 @@
+"""Presenting `moetune bench` results: the rich table, the JSON report and the PNG plots.
+
+Plots (matplotlib, the `plot` extra): speedup.png, the tuned provider's speedup over the best HF provider
+per cell; roofline.png, every provider's achieved GFLOP/s against the cell's roof (min(peak, bandwidth x
+arithmetic intensity)) on log-log axes, with the measured ceilings drawn in.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from moetune.autotune.bench.layer import HF_PROVIDERS, BenchRow, tuned_vs_hf
+from moetune.autotune.bench.roofline import Machine
+
+
+def table(rows: list[BenchRow], title: str) -> Table:
+    out = Table(title=title)
+    columns = ("preset", "dtype", "T", "provider", "p20 ms", "p50 ms", "p80 ms", "GFLOP/s", "GB/s", "% roof")
+    for column in (*columns, "vs ref", "vs best HF"):
+        out.add_column(column, justify="left" if column in ("preset", "dtype", "provider") else "right")
+    for r in rows:
+        out.add_row(
+            r.preset,
+            r.dtype,
+            str(r.tokens),
+            r.provider + ("" if r.n > 1 else " (1 call)"),
+            f"{r.p20_ms:.2f}",
+            f"{r.p50_ms:.2f}",
+            f"{r.p80_ms:.2f}",
+            f"{r.gflops:.1f}",
+            f"{r.gbps:.1f}",
+            f"{r.pct_roofline:.1f}",
+            f"{r.speedup_vs_reference:.2f}x",
+            "-" if math.isnan(r.speedup_vs_best_hf) else f"{r.speedup_vs_best_hf:.2f}x ({r.best_hf})",
+        )
+    return out
+
+
+def report(rows: list[BenchRow], skipped: list[dict[str, Any]], machine: Machine | None) -> dict[str, Any]:
+    """Everything a run measured: the ceilings, rows, skipped providers and the tuned-vs-HF summary."""
+    return {
+        "machine": asdict(machine) if machine else None,
+        "rows": [asdict(r) for r in rows],
+        "skipped": skipped,
+        "tuned_vs_best_hf": tuned_vs_hf(rows),
+        "tvm_vs_best_hf": tuned_vs_hf(rows, "tvm"),
+    }
+
+
+def _cell(r: BenchRow) -> str:
+    return f"{r.preset} {'bf16' if r.dtype == 'bfloat16' else r.dtype[:4]} T={r.tokens}"
+
+
+def plot(rows: list[BenchRow], machine: Machine | None, folder: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    tuned = [r for r in rows if r.provider == "tuned" and math.isfinite(r.speedup_vs_best_hf)]
+    if tuned:
+        fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(tuned)), 4.5))
+        values = [r.speedup_vs_best_hf for r in tuned]
+        ax.bar(range(len(tuned)), values, color=["tab:green" if v >= 1 else "tab:red" for v in values])
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_yscale("log", base=2)
+        ax.set_xticks(range(len(tuned)), [_cell(r) for r in tuned], rotation=70, ha="right", fontsize=7)
+        ax.set_ylabel("tuned p50 speedup over the best HF provider")
+        summary = tuned_vs_hf(rows)
+        ax.set_title(
+            f"moetune tuned vs best of {', '.join(HF_PROVIDERS)} (geomean {summary['geomean']:.2f}x)", fontsize=9
+        )
+        fig.tight_layout()
+        written.append(folder / "speedup.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    if machine and rows:
+        fig, ax = plt.subplots(figsize=(7, 5))
+        intensity = [r.flops / r.bytes for r in rows]
+        lo, hi = min(intensity) / 2, max(intensity) * 2
+        xs = [lo * (hi / lo) ** (k / 100) for k in range(101)]
+        for dtype in dict.fromkeys(r.dtype for r in rows):
+            peak = machine.peak_for(dtype)
+            ax.plot(xs, [min(peak, machine.roof_gbs * x) for x in xs], linestyle="--", label=f"roof {dtype}")
+        markers = dict(zip(dict.fromkeys(r.provider for r in rows), "osD^v<>px", strict=False))
+        for provider, marker in markers.items():
+            mine = [r for r in rows if r.provider == provider]
+            ax.scatter([r.flops / r.bytes for r in mine], [r.gflops for r in mine], marker=marker, label=provider, s=22)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("arithmetic intensity (useful FLOP / byte moved)")
+        ax.set_ylabel("achieved GFLOP/s (p50)")
+        peaks = ", ".join(f"{d} {v:.0f}" for d, v in machine.peak_gflops.items())
+        ax.set_title(f"peak matmul GFLOP/s: {peaks}; {machine.roof_stream} {machine.roof_gbs:.1f} GB/s", fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        written.append(folder / "roofline.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    return written

@@ -1,0 +1,1 @@
+"""The `torch` backend: every op in plain vectorised torch, always available (launchers.py)."""

@@ -1,0 +1,176 @@
+"""The `tvm` backend of every lowered op on the CPU target: pack weights, allocate outputs, launch.
+
+Each launcher checks shapes, allocates its outputs and calls the compiled module on torch tensors directly
+(DLPack, no copies). Weights are packed into the panel layout of ir/tvm_ir.py once and memoised per
+(tensor, version, panel width): an in-place update of a parameter bumps its version and forces a repack. At
+most MAX_LAYOUTS panel widths are kept per weight (least recently used dropped): each is a full copy, and a
+tuner trying every width on a Mixtral-size layer would otherwise hold four (the worker was OOM-killed at 24 GB).
+The GEMMs run on the used blocks of an align output (`Aligned.trimmed`, a free host read on the CPU), so one
+with empty trailing blocks (kernels/ops.py) works too; gemm1 zeroes those blocks' rows.
+Legend: T tokens, H hidden, I intermediate, E experts, K top-k, BM rows per block, NB blocks, P panel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moetune.ir.program import Problem
+from moetune.ir.target import Target
+from moetune.kernels.cache import TensorMemo
+from moetune.kernels.ops import Aligned, max_blocks
+from moetune.kernels.ops import check_tensor as _check
+from moetune.kernels.registry import KernelConfig, register_backend, register_impl
+from moetune.kernels.tvm_cpu.build import build
+from moetune.schedules import tvm_cpu
+
+register_backend("tvm", space=tvm_cpu.space, default=tvm_cpu.default_point)
+
+MAX_LAYOUTS = 2  # packed copies kept per weight (e.g. a decode and a prefill panel width)
+_PACKED = TensorMemo(per_group=MAX_LAYOUTS)  # per (weight, part, interleave): its panel widths, least recent first
+
+
+def pack_panels(w: torch.Tensor, panel: int) -> torch.Tensor:
+    """(G, N, Kd) -> (G, ceil(N/P), Kd, P): P consecutive output columns contiguous, zero-padded."""
+    g, n, kd = w.shape
+    n_pad = -(-n // panel) * panel
+    if n_pad != n:
+        w = torch.cat([w, w.new_zeros(g, n_pad - n, kd)], dim=1)
+    return w.reshape(g, n_pad // panel, panel, kd).transpose(2, 3).contiguous()
+
+
+def pack_gate_up(w: torch.Tensor, i: int, panel: int) -> torch.Tensor:
+    """(G, 2I, Kd) [gate | up] -> (G, ceil(I/P), Kd, 2P): P gate columns, then the P matching up columns.
+
+    Written straight into the result (one copy of the weights, no temporaries: Mixtral-8x7B's gate_up is
+    3.8 GB in fp32)."""
+    g, _, kd = w.shape
+    npanel = -(-i // panel)
+    out = (w.new_zeros if i % panel else w.new_empty)(g, npanel, kd, 2 * panel)
+    for half, rows in enumerate((w[:, :i], w[:, i : 2 * i])):
+        dest = out[..., half * panel : (half + 1) * panel]
+        if i % panel:  # ragged last panel (small shapes): the padding path
+            dest.copy_(pack_panels(rows, panel))
+        else:
+            dest.copy_(rows.reshape(g, npanel, panel, kd).transpose(2, 3))
+    return out
+
+
+def _packed(source: torch.Tensor, part: slice, panel: int, interleave: int | None = None) -> torch.Tensor:
+    """pack_panels(source[:, part]) memoised on the owning tensor's identity and version (kernels/cache.py).
+
+    `interleave=I` packs a (G, 2I, Kd) [gate | up] tensor into (G, ceil(I/P), Kd, 2P) panels of P gate
+    columns followed by the P matching up columns (gemm1's layout). `source` may be a fresh view (e.g.
+    weight.unsqueeze(0)): views share their base's version counter, so the memo is keyed on the base.
+    """
+
+    def pack() -> torch.Tensor:
+        w = source.detach()
+        return pack_panels(w[:, part], panel) if interleave is None else pack_gate_up(w, interleave, panel)
+
+    return _PACKED.get([source], pack, group=(part.start, part.stop, interleave), variant=panel)
+
+
+@register_impl("route", "tvm")
+def route(
+    problem: Problem,
+    config: KernelConfig,
+    target: Target,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    correction_bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    h, e, k = problem["H"], problem["E"], problem["K"]
+    _check("route weight", weight, (e, h), x.dtype)
+    mod = build(problem, config.as_dict(), target)
+    x = x.contiguous()
+    t = x.shape[0]
+    logits = torch.empty(t, e, dtype=torch.float32)
+    args = [x, _packed(weight.unsqueeze(0), slice(None), config["nt"])[0]]
+    if problem["bias"]:
+        args.append(bias.contiguous())
+    mod["logits"](*args, logits)
+    cb = correction_bias.float().contiguous() if problem["cbias"] else torch.zeros(e)
+    weights, ids = torch.empty(t, k, dtype=torch.float32), torch.empty(t, k, dtype=torch.int32)
+    mod["select"](logits, cb, weights, ids)
+    return weights, ids
+
+
+@register_impl("align", "tvm")
+def align(problem: Problem, config: KernelConfig, target: Target, weights: torch.Tensor, ids: torch.Tensor) -> Aligned:
+    e, bm = problem["E"], problem["BM"]
+    t, k = ids.shape
+    nbmax = max_blocks(t * k, e, bm)
+    i32 = torch.int32
+    tok, slot = torch.empty(nbmax, bm, dtype=i32), torch.empty(nbmax, bm, dtype=i32)
+    wt, bexp = torch.empty(nbmax, bm, dtype=torch.float32), torch.empty(nbmax, dtype=i32)
+    inv, counts = torch.empty(t, k, dtype=i32), torch.empty(e, dtype=i32)
+    offsets, nblocks = torch.empty(e + 1, dtype=i32), torch.empty(1, dtype=i32)
+    build(problem, {}, target)["align"](
+        ids.to(i32).contiguous(), weights.float().contiguous(), tok, wt, slot, bexp, inv, counts, offsets, nblocks
+    )
+    nb = int(nblocks[0])
+    return Aligned(tok[:nb], wt[:nb], slot[:nb], bexp[:nb], inv, counts, offsets)
+
+
+@register_impl("gemm1", "tvm")
+def gemm1(
+    problem: Problem,
+    config: KernelConfig,
+    target: Target,
+    x: torch.Tensor,
+    al: Aligned,
+    gate_up_proj: torch.Tensor,
+    gate_up_bias: torch.Tensor | None,
+) -> torch.Tensor:
+    h, i, e, bm, gated = problem["H"], problem["I"], problem["E"], problem["BM"], problem["gated"]
+    _check("gate_up_proj", gate_up_proj, (e, (2 if gated else 1) * i, h), x.dtype)
+    _check("aligned rows", al.sorted_token, (al.num_blocks, bm))
+    nb_all, al = al.num_blocks, al.trimmed()
+    mod = build(problem, config.as_dict(), target)
+    nt = config["nt"]
+    args = [
+        x.contiguous(),
+        al.sorted_token,
+        al.sorted_weight,
+        al.block_expert,
+        # gated: interleaved gate|up panels (pack_gate_up); non-gated: plain up panels (pack_panels)
+        _packed(gate_up_proj, slice(None), nt, interleave=i if gated else None),
+    ]
+    if problem["bias"]:
+        args.append(gate_up_bias.contiguous())
+    out = torch.empty(nb_all, bm, i, dtype=x.dtype)
+    out[al.num_blocks :] = 0  # empty trailing blocks
+    mod["main"](*args, out[: al.num_blocks])
+    return out
+
+
+@register_impl("gemm2", "tvm")
+def gemm2(
+    problem: Problem,
+    config: KernelConfig,
+    target: Target,
+    act: torch.Tensor,
+    al: Aligned,
+    down_proj: torch.Tensor,
+    down_bias: torch.Tensor | None,
+) -> torch.Tensor:
+    h, i, e, bm = problem["H"], problem["I"], problem["E"], problem["BM"]
+    _check("down_proj", down_proj, (e, h, i), act.dtype)
+    _check("act", act, (al.num_blocks, bm, i), act.dtype)
+    al = al.trimmed()
+    mod = build(problem, config.as_dict(), target)
+    args = [
+        act[: al.num_blocks].contiguous(),
+        al.sorted_weight,
+        al.block_expert,
+        al.inverse,
+        _packed(down_proj, slice(None), config["nt"]),
+    ]
+    if problem["bias"]:
+        args.append(down_bias.contiguous())
+    t = al.inverse.shape[0]
+    z = torch.empty(al.num_blocks, bm, h, dtype=torch.float32)
+    out = torch.empty(t, h, dtype=act.dtype)
+    mod["main"](*args, z, out)
+    return out

@@ -1,0 +1,205 @@
+"""TunedMoE: the drop-in MoE layer on tuned kernels, and where its weights come from.
+
+Same constructor input (an MoEConfig), same forward signature, same parameter names and state_dict keys as
+model.MoE. The kernels are chosen and run by a LayerRunner (plan.py); this module only adapts the weights'
+owner to it. Three owners, one small adapter each:
+  _OwnParameters   a moetune MoE's children (router, experts, shared_expert), shared with it or fresh:
+                   the kernels read the parameters themselves
+  _HFBlock         a Hugging Face MoE block whose children the TunedMoE adopts under their own names (gate or
+                   router, experts, shared_expert(s), ...), so the model's state_dict and checkpoints are
+                   unchanged; the kernels read views of them, or for gpt-oss's interleaved experts and the HF
+                   shared MLPs a converted copy, memoised until a parameter changes (kernels/cache.py); forward
+                   returns what the block returns (gpt-oss and Llama 4 return a pair: model/hf/blocks.py)
+  HFExpertsRunner  transformers' experts interface: runs align -> gemm1 -> gemm2 on HF's routing, reading an HF
+                   experts module that stays the weights' only owner (no nn.Module, no state_dict entries)
+Inference only: the kernels have no backward, so forward runs under no_grad.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from moetune.kernels.cache import TensorMemo
+from moetune.kernels.registry import BACKENDS
+from moetune.model.config import MoEConfig
+from moetune.model.hf.blocks import SUPPORTED_BLOCKS, block_returns, experts_weights, hf_block_config, hf_block_weights
+from moetune.model.moe import Experts, MoE, Router, SharedExpert
+from moetune.model.runtime.plan import ConfigSpec, LayerRunner, Weights
+
+
+def _tensors(module: nn.Module) -> list[torch.Tensor]:
+    return [*module.parameters(), *module.buffers()]
+
+
+class _OwnParameters:
+    """Weights of a moetune MoE's children: the parameters and buffers themselves, under their state_dict names."""
+
+    def weights(self, layer: nn.Module) -> Weights:
+        out: Weights = {}
+        for prefix in ("router", "experts", "shared_expert"):
+            child = getattr(layer, prefix)
+            if child is not None:
+                out.update({f"{prefix}.{k}": v for k, v in child.__dict__["_parameters"].items()})
+                out.update({f"{prefix}.{k}": v for k, v in child.__dict__["_buffers"].items()})
+        return out
+
+    def returns(self, out: torch.Tensor, x2: torch.Tensor, weights: torch.Tensor, w: Weights) -> Any:
+        return out
+
+
+class _HFBlock:
+    """Weights of an adopted HF block's children, converted to moetune's layout and memoised on their versions."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self.returns = block_returns(kind)
+        self._memo = TensorMemo()
+
+    def weights(self, layer: nn.Module) -> Weights:
+        def convert() -> Weights:
+            with torch.no_grad():
+                return hf_block_weights(layer, layer.cfg, kind=self.kind)
+
+        return self._memo.get(_tensors(layer), convert)
+
+
+class TunedMoE(nn.Module):
+    """MoE layer on tuned (or default) kernels: forward(x[..., H]) -> same shape and dtype."""
+
+    def __init__(
+        self,
+        cfg: MoEConfig,
+        target: str = "cpu",
+        configs: dict[str, ConfigSpec] | None = None,
+        backends: tuple[str, ...] = BACKENDS,
+        db: Any = None,
+    ):
+        """Fresh parameters, initialised like MoE's (from_module shares a module's parameters instead)."""
+        super().__init__()
+        self.cfg = cfg
+        self.runner = LayerRunner(cfg, target, configs, backends, db)
+        self._owner: _OwnParameters | _HFBlock = _OwnParameters()
+        self.router = Router(cfg)
+        self.experts = Experts(cfg)
+        self.shared_expert = SharedExpert(cfg) if cfg.num_shared_experts else None
+
+    @classmethod
+    def from_module(
+        cls,
+        module: nn.Module,
+        target: str = "cpu",
+        configs: dict[str, ConfigSpec] | None = None,
+        backends: tuple[str, ...] = BACKENDS,
+        db: Any = None,
+    ) -> TunedMoE:
+        """A TunedMoE sharing `module`'s parameters (no copy), same state_dict keys and values.
+
+        `module`: a moetune MoE or TunedMoE, or a Hugging Face MoE block of a supported family."""
+        if isinstance(module, TunedMoE):
+            module = module.as_moe()
+        if isinstance(module, MoE):
+            cfg, children, owner = module.cfg, module.named_children(), _OwnParameters()
+        elif type(module).__name__ in SUPPORTED_BLOCKS:
+            cfg, children, owner = hf_block_config(module), module.named_children(), _HFBlock(type(module).__name__)
+        else:
+            raise ValueError(
+                f"TunedMoE.from_module takes a moetune MoE or a Hugging Face MoE block "
+                f"({', '.join(SUPPORTED_BLOCKS)}), got {type(module).__name__}"
+            )
+        tuned = cls.__new__(cls)
+        nn.Module.__init__(tuned)
+        tuned.cfg, tuned._owner = cfg, owner
+        tuned.runner = LayerRunner(cfg, target, configs, backends, db)
+        for name, child in children:
+            tuned.add_module(name, child)
+        if isinstance(owner, _OwnParameters) and "shared_expert" not in tuned._modules:
+            tuned.shared_expert = None  # an MoE without a shared expert has no such child
+        return tuned
+
+    def as_moe(self) -> MoE:
+        """A reference MoE sharing this layer's parameters (only for a TunedMoE of moetune's own layout)."""
+        if not isinstance(self._owner, _OwnParameters):
+            raise ValueError(
+                f"TunedMoE.from_module: this TunedMoE wraps a {self._owner.kind} block; pass the block itself"
+            )
+        moe = MoE.__new__(MoE)
+        nn.Module.__init__(moe)
+        moe.cfg, moe.router, moe.experts, moe.shared_expert = self.cfg, self.router, self.experts, self.shared_expert
+        return moe
+
+    # ---- what the runner knows --------------------------------------------------------------------------------
+    @property
+    def target(self):
+        return self.runner.target
+
+    @property
+    def db(self):
+        return self.runner.db
+
+    @property
+    def hf_block_kind(self) -> str | None:
+        """The class name of the Hugging Face block whose children this layer adopted, None for moetune's own."""
+        return getattr(self._owner, "kind", None)
+
+    def weights(self) -> Weights:
+        """moetune state_dict name -> tensor in moetune's layout (model/moe.py), or None where absent."""
+        return self._owner.weights(self)
+
+    def plan(self, m_tokens: int):
+        """The lowered program for a batch of m_tokens and the kernel chosen for each op (plan.Plan)."""
+        return self.runner.plan(m_tokens)
+
+    def describe(self, m_tokens: int) -> list[dict[str, Any]]:
+        """Per op: name, problem signature, backend, config and where it came from (config/db:.../default)."""
+        return self.runner.describe(m_tokens)
+
+    # ---- running ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor):
+        h = self.cfg.hidden_size
+        if x.shape[-1] != h:
+            raise ValueError(f"TunedMoE expects x[..., {h}], got shape {tuple(x.shape)}")
+        w = self.weights()
+        x2 = x.reshape(-1, h)
+        out, weights = self.runner.layer(x2, w)
+        return self._owner.returns(out.reshape(*x.shape[:-1], h), x2, weights, w)
+
+    @torch.no_grad()
+    def run_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The routed experts on a routing computed elsewhere: x (T, H), weights and ids (T, K) -> (T, H)."""
+        return self.runner.experts(x, weights, ids, self.weights())
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return f"H={c.hidden_size}, I={c.intermediate_size}, E={c.num_experts}, K={c.top_k}, target={self.target}"
+
+
+class HFExpertsRunner:
+    """transformers' experts interface: moetune's align -> gemm1 -> gemm2 on an HF experts module's weights and
+    HF's routing. Not an nn.Module: the experts module stays the weights' only owner (model/hf/patch.py keeps
+    one runner per experts module, outside its state_dict)."""
+
+    def __init__(self, experts: nn.Module, cfg: MoEConfig, concatenated: bool, transposed: bool, **kw: Any):
+        self.runner = LayerRunner(cfg, **kw)
+        self._experts, self._layout = experts, (concatenated, transposed)
+        self._memo = TensorMemo()
+
+    def weights(self) -> Weights:
+        def convert() -> Weights:
+            with torch.no_grad():
+                found = experts_weights(self._experts, *self._layout)
+                return {f"experts.{k}": v.detach() for k, v in found.items()}
+
+        return self._memo.get(_tensors(self._experts), convert)
+
+    def describe(self, m_tokens: int) -> list[dict[str, Any]]:
+        """Per op: the kernel chosen at m_tokens and where it came from (LayerRunner.describe)."""
+        return self.runner.describe(m_tokens)
+
+    @torch.no_grad()
+    def run_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """x (T, H), weights and ids (T, K) -> (T, H)."""
+        return self.runner.experts(x, weights, ids, self.weights())

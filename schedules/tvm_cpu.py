@@ -1,0 +1,207 @@
+"""CPU schedule templates (TVM s_tir) for every lowered op, with their search spaces and default points.
+
+Legend: T tokens, H hidden, I intermediate, E experts, BM rows per block, NB blocks.
+
+GEMM template (router logits, gemm1, gemm2). The output is tiled per block as (mt rows) x (nt columns); the
+fp32 accumulator tile of that (for a gated gemm1 2*nt wide: gate and up columns side by side; nt wide for a
+non-gated one) lives in registers ("local"), is computed over the whole reduction with the reduction loop
+outermost, unrolled by kt, and its columns are vectorised (the packed weight layout makes them contiguous).
+The parallel loop is the blocks, or blocks x column panels.
+  nt   panel width = vectorised columns; also the packed weight layout (a multiple of the SIMD lanes)
+  mt   rows per register tile; a divisor of BM (BM is static, so no predicate: see ir/tvm_ir.py)
+  kt   reduction unroll; divides the reduction length so the innermost loop has no bounds check
+  order "panels_outer": for each column panel, all blocks (blocks are sorted by expert, so one expert's
+       weight panel is read from memory once and reused from cache by its other blocks); "blocks_outer"
+  par  "outer": parallel over the outer loop; "fused": over outer x inner (balances small NB or few panels)
+Constraint "registers": the accumulator tiles must fit the vector register file with room for the loads.
+Router logits use mt = 1 (T is symbolic and not split, for the same compile reason) and parallelise rows.
+
+Default point (good without tuning): among the (mt, nt) that fit the registers (mt dividing BM, nt not wider
+than the output), first those whose panel width divides the output width (a partial last panel is slow: on
+gpt-oss-20b/4, H = I = 720, nt = 32/64 -> 16 made the whole layer 2.8x faster at T=16 in fp32 and 4.4x in bf16;
+results/amd-epyc-2c-x86_64/default_nt_gpt-oss-20b_shrink4.json), then the one
+with the most FMAs per load per reduction step (tiles*mt*nt/lanes FMAs against
+mt broadcasts + tiles*nt/lanes weight loads), ties to the larger mt (measured on Mixtral-8x7B gemm1, T=256:
+mt=4 x nt=8 808 ms vs mt=2 x nt=16 1003 ms); kt = 4 when it divides the reduction
+(else 2, else 1); order = "panels_outer" (weight traffic once per expert); par = "fused".
+
+align and route's top-k selection are sequential TVMScript (ir/tvm_script.py): their spaces are empty.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import tvm
+
+from moetune.ir import tvm_ir, tvm_script
+from moetune.ir.program import Problem
+from moetune.ir.target import Target
+from moetune.schedules.space import Constraint, Param, Point, SearchSpace
+
+NT_CHOICES = (8, 16, 32, 64)
+MT_CHOICES = (1, 2, 3, 4, 6, 8)
+KT_CHOICES = (1, 2, 4, 8)
+PAR_CHOICES = ("outer", "fused")
+ORDER_CHOICES = ("panels_outer", "blocks_outer")
+
+
+@cache
+def simd(target: Target) -> tuple[int, int]:
+    """(fp32 lanes per vector register, number of vector registers) of a CPU target, from its LLVM features:
+    AVX-512 16 lanes x 32 zmm, AVX/AVX2 8 x 16 ymm, NEON (AArch64) 4 x 32 q-registers, SSE 4 x 16 xmm."""
+    from tvm.target import codegen
+
+    features = {str(f) for f in codegen.llvm_get_cpu_features(tvm.target.Target(target.tvm))}
+    if "avx512f" in features:
+        return 16, 32
+    if "avx2" in features or "avx" in features:
+        return 8, 16
+    if "neon" in features:
+        return 4, 32
+    return 4, 16  # SSE
+
+
+def _gemm_dims(problem: Problem) -> tuple[int, int, int, int]:
+    """(output width N, reduction length, BM, accumulator tiles) of a GEMM-like op."""
+    if problem.op == "gemm1":  # gated: gate and up accumulator tiles; non-gated: the up tile alone
+        return problem["I"], problem["H"], problem["BM"], 2 if problem["gated"] else 1
+    if problem.op == "gemm2":
+        return problem["H"], problem["I"], problem["BM"], 1
+    return problem["E"], problem["H"], 1, 1  # route logits
+
+
+def space(problem: Problem, target: Target) -> SearchSpace:
+    if problem.op == "align":
+        return SearchSpace("align")
+    lanes, vregs = simd(target)
+    n, red, bm, tiles = _gemm_dims(problem)
+    mts = (1,) if problem.op == "route" else MT_CHOICES
+    return SearchSpace(
+        problem.op,
+        params=(
+            Param("nt", tuple(v for v in NT_CHOICES if v >= lanes), "vectorised columns = packed panel width"),
+            Param("mt", mts, "rows per register tile (divides BM)"),
+            Param("kt", KT_CHOICES, "reduction unroll (divides the reduction length)"),
+            Param(
+                "order",
+                ORDER_CHOICES,
+                "outer loop: column panels (a weight panel stays in cache across the blocks of one expert) or blocks",
+            ),
+            Param("par", PAR_CHOICES, "parallel loop: the outer loop, or outer x inner fused"),
+        ),
+        constraints=(
+            Constraint("mt_divides_bm", f"mt must divide BM={bm}", lambda p: bm % p["mt"] == 0),
+            Constraint("kt_divides_k", f"kt must divide the reduction length {red}", lambda p: red % p["kt"] == 0),
+            Constraint(
+                "registers",
+                f"{tiles} accumulator tile(s) of mt x nt/{lanes} vectors must leave 4 of {vregs} registers free",
+                lambda p: tiles * p["mt"] * p["nt"] // lanes <= vregs - 4,
+            ),
+            Constraint(
+                "panel_not_wider_than_output",
+                f"nt must be < 2x the output width {n}",
+                lambda p: p["nt"] < 2 * max(n, lanes),
+            ),
+        ),
+    )
+
+
+def default_point(problem: Problem, target: Target) -> Point:
+    sp = space(problem, target)
+    if not sp.params:
+        return {}
+    lanes, _ = simd(target)
+    n, red, _, tiles = _gemm_dims(problem)
+    kt = next(v for v in (4, 2, 1) if red % v == 0)
+    base = {"kt": kt, "order": "panels_outer", "par": "fused"}
+    tiles_ok = [
+        (mt, nt)
+        for nt in sp.params[0].choices
+        for mt in sp.params[1].choices
+        if sp.is_feasible({**base, "mt": mt, "nt": nt})
+    ]
+
+    def merit(mt_nt: tuple[int, int]) -> tuple[bool, float, int]:  # ties: more rows per loaded weight vector
+        mt, nt = mt_nt
+        vectors = nt // lanes
+        return n % nt == 0, tiles * mt * vectors / (mt + tiles * vectors), mt
+
+    mt, nt = max(tiles_ok, key=merit)
+    return {**base, "mt": mt, "nt": nt}
+
+
+# ---- applying a point --------------------------------------------------------------------------------------
+def _tile_accumulators(sch, out_block, acc_blocks, point: Point, rows_split: bool):
+    """Tile `out_block` (.., m, n) and compute each accumulator block in registers per tile."""
+    loops = sch.get_loops(out_block)
+    if rows_split:  # (b, m, n)
+        b, m, n = loops
+        mo, mi = sch.split(m, [None, point["mt"]])
+        no, ni = sch.split(n, [None, point["nt"]])
+        outer, inner = (no, b) if point["order"] == "panels_outer" else (b, no)
+        sch.reorder(outer, inner, mo, mi, ni)
+        anchor = mo  # loops down to the anchor: outer, inner, mo
+    else:  # router logits (t, n): rows are symbolic, never split
+        b, n = loops
+        no, ni = sch.split(n, [None, point["nt"]])
+        outer, inner = (no, b) if point["order"] == "panels_outer" else (b, no)
+        sch.reorder(outer, inner, ni)
+        anchor = inner  # outer, inner
+    depth = 3 if rows_split else 2
+    for name in acc_blocks:
+        blk = sch.get_sblock(name)
+        sch.compute_at(blk, anchor)
+        sch.set_scope(blk, 0, "local")
+        *spatial, red = sch.get_loops(blk)[depth:]  # (mi), (ni), k: compute_at drops unit loops
+        ko, ki = sch.split(red, [None, point["kt"]])
+        sch.reorder(ko, ki, *spatial)
+        if spatial:  # empty only for a 1-column, 1-row tile (a one-expert route)
+            sch.vectorize(spatial[-1])
+        if len(spatial) == 2:
+            sch.unroll(spatial[0])
+        sch.unroll(ki)
+    fused = point["par"] == "fused"
+    sch.parallel(sch.fuse(outer, inner) if fused else outer)  # before decompose_reduction, or s_tir refuses
+    sch.vectorize(ni)
+    for name in acc_blocks:  # the accumulator's init goes above the reduction loop ko
+        blk = sch.get_sblock(name)
+        sch.decompose_reduction(blk, sch.get_loops(blk)[depth - fused])
+
+
+def _schedule_gemm1(problem: Problem, point: Point):
+    sch = tvm.s_tir.Schedule(tvm_ir.gemm1_func(problem, point["nt"]))
+    _tile_accumulators(sch, sch.get_sblock("A"), ("GU",), point, rows_split=True)
+    return sch.mod["main"]
+
+
+def _schedule_gemm2(problem: Problem, point: Point, lanes: int):
+    sch = tvm.s_tir.Schedule(tvm_ir.gemm2_func(problem, point["nt"]))
+    _tile_accumulators(sch, sch.get_sblock("Z"), ("Zacc",), point, rows_split=True)
+    combine = sch.get_sblock("O")
+    t, n = sch.get_loops(combine)
+    _, ni = sch.split(n, [None, lanes])
+    sch.parallel(t)
+    sch.vectorize(ni)
+    return sch.mod["main"]
+
+
+def _schedule_route(problem: Problem, point: Point):
+    sch = tvm.s_tir.Schedule(tvm_ir.route_logits_func(problem, point["nt"]))
+    _tile_accumulators(sch, sch.get_sblock("L"), ("Lacc",), point, rows_split=False)
+    return sch.mod["main"]
+
+
+def scheduled_module(problem: Problem, point: Point, target: Target) -> tvm.IRModule:
+    """The op's IRModule with the point applied; function names: main (GEMMs), logits + select, align."""
+    violations = space(problem, target).violations(point)
+    if violations:
+        raise ValueError(f"infeasible point {point} for {problem}: {'; '.join(violations)}")
+    if problem.op == "align":
+        return tvm.IRModule({"align": tvm_script.align_func(problem)})
+    if problem.op == "route":
+        logits = _schedule_route(problem, point).with_attr("global_symbol", "logits")
+        return tvm.IRModule({"logits": logits, "select": tvm_script.route_select_func(problem)})
+    if problem.op == "gemm1":
+        return tvm.IRModule({"main": _schedule_gemm1(problem, point)})
+    return tvm.IRModule({"main": _schedule_gemm2(problem, point, simd(target)[0])})

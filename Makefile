@@ -9,20 +9,20 @@ TORCH  ?= torch==2.13.0
 
 .PHONY: setup sysdeps demo test lint clean gpu-check FORCE
 
-setup: sysdeps $(STAMP)
+setup: $(STAMP)
 
-# Debian packages the tests and the distillation read (installed when missing, if we may):
-#   fortunes    real English text for distillation (model/distill/text.py)
-#   postgresql  a throwaway cluster for the many-worker tests (skipped without it)
+# Debian packages the *tests* read, installed when missing (as root with apt-get; else a warning and those tests
+# skip): fortunes (real English text for the distillation tests, model/distill/text.py) and postgresql (a
+# throwaway cluster for the many-worker and PostgreSQL DB tests). `make demo` needs neither.
 sysdeps:
 	@missing=""; \
 	test -d /usr/share/games/fortunes || missing="$$missing fortunes"; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    echo "installing Debian packages:$$missing"; \
+	    echo "installing Debian packages for the tests:$$missing"; \
 	    apt-get install -y -q $$missing >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q $$missing >/dev/null); \
-	  else echo "warning: missing Debian packages:$$missing (apt-get install$$missing)"; fi; \
+	  else echo "warning: missing Debian packages:$$missing (apt-get install$$missing); the tests that need them skip"; fi; \
 	fi
 
 # The editable install is "strict": a tree of links to the sources under build/, on sys.path through a .pth
@@ -43,10 +43,10 @@ $(STAMP): pyproject.toml $(SOURCES)
 
 FORCE:
 
-demo: sysdeps $(STAMP)
+demo: $(STAMP)
 	$(VENV)/bin/moetune targets
 	$(VENV)/bin/moetune tune --model qwen3-30b-a3b --dtype float32 --m 1,16,256 --trials 24 --time-budget 6m
-	$(VENV)/bin/moetune bench --preset qwen3-30b-a3b --tokens 1,16,256 --no-save
+	$(VENV)/bin/moetune bench --preset qwen3-30b-a3b --tokens 1,16,256 --providers reference,hf-eager,hf-grouped_mm,tvm,tuned
 
 # pytest exits 5 when it collects no tests; that is not a failure of the suite.
 test: sysdeps $(STAMP)
@@ -67,7 +67,7 @@ gpu-check: $(STAMP)
 	    --time-budget $(GPU_TUNE_BUDGET) --json > results/$$gpu/tune/tune_$$model.json; \
 	done; \
 	$(VENV)/bin/moetune bench --target cuda $(addprefix -p ,$(GPU_PRESETS)) --tokens $(GPU_M) \
-	  --providers reference,hf-eager,hf-grouped_mm,torch,triton,tvm_cuda,tuned \
+	  --providers reference,hf-eager,hf-grouped_mm,torch,triton,tvm_cuda,tuned --save \
 	  --report results/$$gpu/bench_report.json --plot results/$$gpu/bench_plots
 
 lint: $(STAMP)

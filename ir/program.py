@@ -45,6 +45,7 @@ never looked up again (their kernel source hash is stale too).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +58,16 @@ _KEYS = {
     "gemm1": ("H", "I", "E", "BM", "gated", "act", "alpha", "limit", "bias", "w_in"),
     "gemm2": ("H", "I", "E", "K", "BM", "bias", "w_out"),
 }
+
+
+def _parse(text: str) -> Any:
+    """A dim's value from its _fmt text: an int, a float, else the text (bools read back as 0 / 1)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def _fmt(value: Any) -> str:
@@ -101,6 +112,24 @@ class Problem:
     @property
     def signature(self) -> str:
         return f"{self.op}[{','.join(f'{k}={_fmt(v)}' for k, v in self.dims)}]:{self.dtype}"
+
+    @classmethod
+    def from_signature(cls, signature: str) -> Problem:
+        """The Problem a signature names (a DB record's op): `op[k=v,...]:dtype`, its canonical form only."""
+        found = re.fullmatch(r"(\w+)\[([^\]]*)\]:(\w+)", signature)
+        if not found:
+            raise ValueError(f"not an op signature: {signature[:80]!r}")
+        op, body, dtype = found.groups()
+        dims = {}
+        for item in body.split(","):
+            name, eq, text = item.partition("=")
+            if not eq:
+                raise ValueError(f"not an op signature: {signature[:80]!r}")
+            dims[name] = _parse(text)
+        problem = cls.make(op, dtype, **dims)
+        if problem.signature != signature:
+            raise ValueError(f"not a canonical op signature: {signature[:80]!r}")
+        return problem
 
     def __str__(self) -> str:
         return self.signature

@@ -32,6 +32,22 @@ def cache_root() -> Path:
     return Path(root).expanduser() if root else Path.home() / ".cache" / "moetune"
 
 
+def writable_cache_root() -> Path:
+    """cache_root(), created if missing and checked writable. A tuner whose every build would fail to be saved
+    must stop before it measures anything (it once stored the torch baseline as the winner and exited 0)."""
+    root = cache_root()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as exc:
+        raise ValueError(
+            f"the cache directory {root} is not usable ({exc.strerror or exc}); "
+            "set MOETUNE_CACHE_DIR to a writable directory"
+        ) from None
+    return root
+
+
 def source_hash(*files: str, salt: str = "") -> str:
     """sha256 (16 hex) over `files`, each "<folder>/<path>" inside one of moetune's folders (ir, kernels, ...)."""
     digest = hashlib.sha256(salt.encode())

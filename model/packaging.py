@@ -24,6 +24,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -123,17 +125,59 @@ def package(
     tokenizer: Any = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write `model` (weights, configs, tuned kernel records for `targets`, manifest) to `out_dir`."""
+    """Write `model` (weights, configs, tuned kernel records for `targets`, manifest) to `out_dir`.
+
+    Everything is checked before anything is written (the model's kind and MoE blocks, the targets, the kernel
+    DB); the package is written into a temporary directory beside `out_dir` and renamed into place at the end,
+    so a failure never leaves a partial package (nor touches an existing one)."""
     from safetensors.torch import save_model
 
+    from moetune.ir.target import resolve_target
+    from moetune.kernels.db import current_versions
+
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise PackageError(f"{out} exists and is not empty; choose another directory or pass overwrite=True")
     kind = _kind(model)
     blocks = _moe_blocks(model)
     if not blocks:
         raise PackageError(f"{type(model).__name__} has no MoE block to run on tuned kernels")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        target_names = [resolve_target(t).name for t in targets]
+    except ValueError as exc:
+        raise PackageError(str(exc)) from None
+    rows = _records(list(blocks.values()), list(targets), db)
+    if tokenizer is None:
+        tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None and kind == "hf-causal-lm":
+        warnings.warn(
+            "moetune: packaging a causal LM without a tokenizer; `moetune run` will need token ids (--ids)",
+            stacklevel=2,
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        _write(model, tmp, kind, blocks, tokenizer, rows, save_model)
+        files = sorted(f for f in tmp.rglob("*") if f.is_file() and f.name != MANIFEST)
+        bad = [f.name for f in files if f.suffix in (".bin", ".pt", ".pth", ".pkl", ".pickle")]
+        if bad:
+            raise PackageError(f"refusing to package pickle file(s) {', '.join(bad)}")
+        manifest = {
+            "format": FORMAT,
+            "schema": SCHEMA,
+            "kind": kind,
+            "versions": current_versions(),
+            "targets": target_names,
+            "files": {str(f.relative_to(tmp)): {"sha256": _sha256(f), "bytes": f.stat().st_size} for f in files},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        _replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _write(model: nn.Module, out: Path, kind: str, blocks: dict, tokenizer: Any, rows: list, save_model) -> None:
     meta: dict[str, Any] = {"kind": kind, "moe_configs": {k: v.to_dict() for k, v in blocks.items()}}
     if kind == "hf-causal-lm":
         model.config.save_pretrained(out)
@@ -141,38 +185,62 @@ def package(
             model.generation_config.save_pretrained(out)
     elif kind != "moe":
         meta["config"] = model.package_config()
-    if tokenizer is None:
-        tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     save_model(model, str(out / WEIGHTS), metadata={"format": "pt"})
-    rows = _records(list(blocks.values()), list(targets), db)
     (out / KERNELS).write_text(json.dumps({"schema": 1, "records": rows}, indent=1, sort_keys=True) + "\n")
     (out / META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-    from moetune.ir.target import resolve_target
-    from moetune.kernels.db import current_versions
 
-    files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != MANIFEST)
-    bad = [p.name for p in files if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".pickle")]
-    if bad:
-        raise PackageError(f"refusing to package pickle file(s) {', '.join(bad)}")
-    manifest = {
-        "format": FORMAT,
-        "schema": SCHEMA,
-        "kind": kind,
-        "versions": current_versions(),
-        "targets": [resolve_target(t).name for t in targets],
-        "files": {str(p.relative_to(out)): {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files},
-    }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    return out
+
+def _replace_dir(new: Path, out: Path) -> None:
+    """Rename the finished package `new` to `out`; an existing `out` (empty, or overwritten) goes only after."""
+    if not out.exists():
+        new.rename(out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    old.rmdir()
+    out.rename(old)
+    try:
+        new.rename(out)
+    except OSError:
+        old.rename(out)  # put the previous package back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---- loading ----------------------------------------------------------------------------------------------------
+def _read_json(path: Path) -> dict[str, Any]:
+    """A package's JSON file as an object, or a PackageError naming the file."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise PackageError(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise PackageError(f"{path}: not a JSON object")
+    return data
+
+
+def _check_member(root: Path, name: Any) -> None:
+    """A manifest name must stay inside the package and may not be, or pass through, a symbolic link: a
+    tampered manifest must not make load() open (and hash) /etc/shadow or ../../anything."""
+    if not isinstance(name, str) or not name or "\\" in name or "\x00" in name:
+        raise PackageError(f"{root}: the manifest names a file {str(name)[:60]!r} that is not a plain relative path")
+    rel = Path(name)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise PackageError(f"{root}: the manifest names {name[:60]!r}, which is outside the package")
+    here = root
+    for part in rel.parts:
+        here = here / part
+        if here.is_symlink():
+            raise PackageError(f"{root}: {here.relative_to(root)} is a symbolic link; packages hold plain files only")
+
+
 def read_manifest(pkg_dir: str | Path) -> dict[str, Any]:
-    """The verified manifest: every listed file present with its recorded SHA-256."""
+    """The verified manifest: every listed file inside the package, no links, present with its SHA-256."""
     root = Path(pkg_dir)
     path = root / MANIFEST
+    if path.is_symlink():
+        raise PackageError(f"{root}: {MANIFEST} is a symbolic link; packages hold plain files only")
     if not path.is_file():
         raise PackageError(f"{root} is not a moetune package (no {MANIFEST})")
     try:
@@ -184,14 +252,19 @@ def read_manifest(pkg_dir: str | Path) -> dict[str, Any]:
     schema = manifest.get("schema")
     if not isinstance(schema, int) or schema > SCHEMA:
         raise PackageError(f"{path}: package schema {schema!r} is newer than this moetune reads ({SCHEMA}); upgrade")
-    for name, entry in manifest.get("files", {}).items():
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(isinstance(e, dict) for e in files.values()):
+        raise PackageError(f"{path}: 'files' must map each file name to its sha256 and size")
+    for name in files:  # every name first, before any file is opened
+        _check_member(root, name)
+    for name, entry in files.items():
         f = root / name
         if not f.is_file():
             raise PackageError(f"{root}: file {name} listed in the manifest is missing")
         if _sha256(f) != entry.get("sha256"):
             raise PackageError(f"{root}: file {name} changed since it was packaged (SHA-256 mismatch)")
     for needed in (META, WEIGHTS, KERNELS):
-        if needed not in manifest.get("files", {}):
+        if needed not in files:
             raise PackageError(f"{path}: the manifest does not list {needed}")
     return manifest
 
@@ -213,7 +286,7 @@ def kernel_db_for(root: Path, target: Any) -> Any:
     """An in-memory kernel DB of the package's records for `target`, with the fallbacks of the module doc."""
     from moetune.kernels.db import KernelRecord, MemoryKernelDB
 
-    data = json.loads((root / KERNELS).read_text())
+    data = _read_json(root / KERNELS)
     records = [KernelRecord.from_dict(r) for r in data.get("records", [])]
     for unknown in sorted({r.key.target for r in records if _target_kind(r.key.target) is None}):
         warnings.warn(f"moetune: kernel records for unknown target {unknown!r} are ignored", stacklevel=3)
@@ -259,7 +332,9 @@ def load(pkg_dir: str | Path, target: str = "cpu", backends: tuple[str, ...] | N
 
     root = Path(pkg_dir)
     manifest = read_manifest(root)
-    meta = json.loads((root / META).read_text())
+    meta = _read_json(root / META)
+    if not isinstance(meta.get("moe_configs"), dict):
+        raise PackageError(f"{root}/{META}: no 'moe_configs' mapping")
     kind, tgt = manifest["kind"], resolve_target(target)
     db = kernel_db_for(root, tgt)
     kw = {"target": tgt, "db": db, "backends": backends or BACKENDS}
@@ -279,7 +354,11 @@ def load(pkg_dir: str | Path, target: str = "cpu", backends: tuple[str, ...] | N
         model = _KINDS[kind].from_package_config(meta["config"], load_tokenizer(root))
     else:
         raise PackageError(f"{root}: unknown package kind {kind!r} (known: moe, hf-causal-lm, {', '.join(_KINDS)})")
-    missing, unexpected = load_model(model, str(root / WEIGHTS), strict=False)
+    try:
+        missing, unexpected = load_model(model, str(root / WEIGHTS), strict=False)
+    except Exception as exc:  # safetensors' own error for a file that is not safetensors; torch's size mismatch
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PackageError(f"{root}/{WEIGHTS} does not load into the packaged model: {first[:300]}") from None
     if missing or unexpected:
         raise PackageError(
             f"{root}/{WEIGHTS} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}"

@@ -211,3 +211,22 @@ def test_bench_cli_bad_provider_and_dtype_exit_2():
     assert bad.exit_code == 2 and "unknown provider(s) hf-magic" in bad.output
     bad = runner.invoke(app, ["bench", "-p", "olmoe-1b-7b", "--dtype", "float32,int8"])
     assert bad.exit_code == 2 and "dtype must be one of" in bad.output
+
+
+def test_verdict_tells_speed_noise_and_where_the_kernels_came_from():
+    from moetune.autotune.bench.report import verdict
+
+    quiet = dict(preset="qwen3-30b-a3b", dtype="float32", p20_ms=0.95, p50_ms=1.0, p80_ms=1.05, pct_roofline=42.0)
+    rows = [
+        _row(**quiet, tokens=1, provider="tuned", speedup_vs_reference=3.0, speedup_vs_best_hf=1.5, best_hf="hf-eager"),
+        _row(**quiet, tokens=1, provider="hf-eager", speedup_vs_reference=2.0, speedup_vs_best_hf=1.0, best_hf="x"),
+    ]
+    lines = verdict(rows, "/tmp/k.db")
+    assert lines[0].startswith("qwen3-30b-a3b float32 T=1: tuned 1.00 ms = 3.00x the reference, 1.50x the best HF")
+    assert not any("busy" in line for line in lines) and "/tmp/k.db" in lines[-1]
+    noisy = [*rows, _row(**{**quiet, "p80_ms": 1.9}, tokens=16, provider="tuned", speedup_vs_best_hf=math.nan)]
+    assert any(
+        line.startswith("warning: the machine was busy: p20-p80 spread up to 95%") for line in verdict(noisy, "x")
+    )
+    no_hf = [_row(**quiet, tokens=1, provider="tuned", speedup_vs_reference=3.0, speedup_vs_best_hf=math.nan)]
+    assert any("no Hugging Face provider was timed" in line for line in verdict(no_hf, "x"))

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from moetune.autotune.cli import app
@@ -118,6 +119,11 @@ def test_tune_bad_input_exits_2(tmp_path):
     corrupt = tmp_path / "bad.db"
     corrupt.write_bytes(b"not a database at all" * 10)
     small = ["--model", "olmoe-1b-7b", "--dtype", "float32"]
+    huge = tmp_path / "huge.json"  # H = I = 131072, E = 1024: hundreds of TB of weights
+    huge.write_text(
+        '{"model_type": "mixtral", "hidden_size": 131072, "intermediate_size": 131072, "num_local_experts": 1024,'
+        ' "num_experts_per_tok": 2, "hidden_act": "silu", "torch_dtype": "float32"}'
+    )
     for args, message in [
         (["tune"], "give exactly one of --model PRESET or --hf-config PATH"),
         (["tune", "--model", "qwen9"], "unknown preset 'qwen9'"),
@@ -127,12 +133,16 @@ def test_tune_bad_input_exits_2(tmp_path):
         ([*small, "--m", "1,a"], "--m must be comma-separated integers"),
         ([*small, "--db", str(corrupt)], "is not an SQLite file"),
         ([*small, "--ops", "experts.gemm9", "--db", str(tmp_path / "k.db")], "no op of the program matches"),
+        ([*small, "--m", "1000000000", "--db", str(tmp_path / "k.db")], "GiB of memory"),
+        ([*small, "--m", "99999999999999999999", "--db", str(tmp_path / "k.db")], "GiB of memory"),
+        (["--hf-config", str(huge), "--db", str(tmp_path / "k.db")], "GiB of memory"),
     ]:
         argv = args if args[0] == "tune" else ["tune", *args]
         result = runner.invoke(app, argv)
         assert result.exit_code == 2, (argv, result.output)
         assert message in result.output, (argv, result.output)
     assert corrupt.read_bytes() == b"not a database at all" * 10  # refused, untouched
+    assert not (tmp_path / "k.db").exists()  # every refusal came before the DB was created
 
 
 def test_parse_duration():
@@ -140,3 +150,61 @@ def test_parse_duration():
 
     assert parse_duration("600") == 600 and parse_duration("10m") == 600 and parse_duration("1h30m") == 5400
     assert parse_duration(None) is None
+
+
+@pytest.mark.parametrize("cache", ["/proc/moetune-cache", "FILE"], ids=["unwritable", "a-file"])
+def test_tune_with_an_unusable_cache_dir_fails_and_stores_nothing(tmp_path, monkeypatch, cache):
+    """Every build would fail to save: the tune stops before measuring, exit 2, and the DB is not even created
+    (it once stored the torch baseline as the winner and exited 0)."""
+    if cache == "FILE":
+        cache = tmp_path / "plain-file"
+        cache.write_text("not a directory")
+    monkeypatch.setenv("MOETUNE_CACHE_DIR", str(cache))
+    db = tmp_path / "k.db"
+    argv = ["tune", "--model", "olmoe-1b-7b", "--dtype", "float32", "--m", "1", "--trials", "2", "--db", str(db)]
+    result = runner.invoke(app, argv)
+    assert result.exit_code == 2, result.output
+    assert f"the cache directory {cache} is not usable" in result.output
+    assert not db.exists()
+
+
+def test_bad_target_is_refused_before_anything_is_written(tmp_path):
+    db = tmp_path / "k.db"
+    for target in ("llvm -mcpu=bogus", "llvm -mcpu=znver3 && echo pwned"):
+        result = runner.invoke(app, ["tune", "--model", "olmoe-1b-7b", "--target", target, "--db", str(db)])
+        assert result.exit_code == 2 and not db.exists(), result.output
+
+
+def test_bench_writes_no_file_unless_asked(tmp_path, monkeypatch):
+    """A bench run prints; it appends CSV rows only with --save (or --out): never into a checkout by surprise."""
+    monkeypatch.chdir(tmp_path)
+    args = [
+        "bench",
+        "-p",
+        "olmoe-1b-7b",
+        "--tokens",
+        "1",
+        "--shrink",
+        "32",
+        "--repeat",
+        "2",
+        "--providers",
+        "reference",
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert list(tmp_path.iterdir()) == [] and "appended" not in result.output
+    result = runner.invoke(app, [*args, "--save"])
+    assert result.exit_code == 0 and len(list(tmp_path.glob("results/*/layer_bench_v2.csv"))) == 1, result.output
+
+
+def test_an_unusable_storage_path_is_a_one_line_error(tmp_path):
+    db = tmp_path / "k.db"
+    for storage, needle in [
+        ("/proc/nope/s.journal", "cannot use /proc/nope/s.journal as the Optuna study journal"),
+        (str(tmp_path), "is a directory"),
+    ]:
+        argv = ["tune", "--model", "olmoe-1b-7b", "--m", "1", "--storage", storage, "--db", str(db)]
+        result = runner.invoke(app, argv)
+        assert result.exit_code == 2 and needle in result.output, result.output
+        assert not db.exists()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import warnings
 
 import pytest
@@ -169,3 +170,96 @@ def test_a_gpu_uses_its_architecture_records_without_a_warning(tmp_path):
         db = kernel_db_for(tmp_path, h200)
     assert {r.key.target for r in db.records()} == {h200.name}
     assert len(db.records()) == 1
+
+
+def _snapshot(root) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _rehash(pkg, name: str) -> None:
+    manifest = json.loads((pkg / "manifest.json").read_text())
+    manifest["files"][name]["sha256"] = hashlib.sha256((pkg / name).read_bytes()).hexdigest()
+    (pkg / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    ("how", "needle"),
+    [
+        ("dotdot", "which is outside the package"),
+        ("absolute", "which is outside the package"),
+        ("listed-symlink", "evil is a symbolic link"),
+        ("weights-symlink", "model.safetensors is a symbolic link"),
+        ("files-null", "'files' must map each file name"),
+        ("not-safetensors", "does not load into the packaged model"),
+        ("config-sizes", "does not load into the packaged model"),
+    ],
+)
+def test_tampered_packages_are_refused(moe_pkg, tmp_path, how, needle):
+    """Names that leave the package and links are refused before any file is opened; weights that do not fit
+    the packaged config (or are not safetensors at all) are one-line PackageErrors, not tracebacks."""
+    _, pkg = moe_pkg
+    manifest = json.loads((pkg / "manifest.json").read_text())
+    secret = tmp_path / "secret"
+    secret.write_text("not for packages")
+    if how in ("dotdot", "absolute"):
+        name = "../secret" if how == "dotdot" else str(secret)
+        manifest["files"][name] = {"sha256": "0" * 64, "bytes": 1}
+    elif how == "listed-symlink":
+        (pkg / "evil").symlink_to(secret)
+        manifest["files"]["evil"] = {"sha256": hashlib.sha256(secret.read_bytes()).hexdigest(), "bytes": 16}
+    elif how == "weights-symlink":
+        real = tmp_path / "w.safetensors"
+        (pkg / "model.safetensors").rename(real)
+        (pkg / "model.safetensors").symlink_to(real)
+    elif how == "files-null":
+        manifest["files"] = None
+    if how in ("dotdot", "absolute", "listed-symlink", "files-null"):
+        (pkg / "manifest.json").write_text(json.dumps(manifest))
+    if how == "not-safetensors":
+        (pkg / "model.safetensors").write_bytes(b"#!/bin/sh\necho not weights\n")
+        _rehash(pkg, "model.safetensors")
+    if how == "config-sizes":
+        meta = json.loads((pkg / "moetune.json").read_text())
+        (cfg,) = meta["moe_configs"].values()
+        cfg["hidden_size"] += 8
+        (pkg / "moetune.json").write_text(json.dumps(meta))
+        _rehash(pkg, "moetune.json")
+    before = _snapshot(pkg)
+    with pytest.raises(PackageError, match=re.escape(needle)) as info:
+        load(pkg)
+    assert "\n" not in str(info.value)
+    assert _snapshot(pkg) == before
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "needle"),
+    [
+        ({"targets": ["llvm -mcpu=bogus"]}, PackageError, "LLVM does not know the CPU 'bogus'"),
+        ({"db": "NOT_A_DB"}, ValueError, "is not an SQLite file"),
+    ],
+    ids=["target", "db"],
+)
+def test_a_failed_package_writes_nothing(moe_pkg, tmp_path, kwargs, error, needle):
+    """Everything is checked before anything is written: no directory, no partial files, and an existing
+    package that `overwrite=True` would replace stays byte-identical."""
+    moe, pkg = moe_pkg
+    if kwargs.get("db") == "NOT_A_DB":
+        junk = tmp_path / "junk.db"
+        junk.write_text("this is not a database\n")
+        kwargs = {**kwargs, "db": str(junk)}
+    fresh = tmp_path / "fresh"
+    with pytest.raises(error, match=re.escape(needle)):
+        package(moe, fresh, **kwargs)
+    assert not fresh.exists()
+    before = _snapshot(pkg)
+    with pytest.raises(error, match=re.escape(needle)):
+        package(moe, pkg, overwrite=True, **kwargs)
+    assert _snapshot(pkg) == before
+    assert sorted(p.name for p in pkg.parent.iterdir() if p.name.startswith(".")) == []  # no temporary leftovers
+
+
+def test_overwrite_replaces_the_package_whole(moe_pkg):
+    moe, pkg = moe_pkg
+    (pkg / "stray.txt").write_text("left from an older package")
+    package(moe, pkg, overwrite=True, db=_db())
+    assert not (pkg / "stray.txt").exists() and set(read_manifest(pkg)["files"]) >= {"model.safetensors"}

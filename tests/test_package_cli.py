@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from moetune.autotune.cli import app
-from moetune.kernels.db import MemoryKernelDB
+from moetune.kernels.db import MemoryKernelDB, open_db
 from moetune.model import MoE, MoEConfig, package
 
 pytest.importorskip("transformers")
@@ -37,6 +37,7 @@ def hf_dir(tmp_path_factory):
 
 def test_package_then_run_generates(hf_dir, tmp_path):
     out = tmp_path / "pkg"
+    open_db(tmp_path / "none.db").close()  # a database without records
     result = runner.invoke(app, ["package", str(hf_dir), str(out), "--db", str(tmp_path / "none.db"), "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
@@ -72,3 +73,24 @@ def test_cli_bad_input(hf_dir, tmp_path):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
     _fails(runner.invoke(app, ["package", str(hf_dir), str(tmp_path / "full")]), "exists and is not empty")
+
+
+def test_a_model_without_tokenizer_runs_from_token_ids(tmp_path):
+    """Packaging warns that there is no tokenizer; `run --ids` then generates the same tokens as HF eager."""
+    from test_dropin import _model
+
+    model = _model("mixtral", experts_implementation="eager")
+    src = tmp_path / "no-tok"
+    model.save_pretrained(src)
+    with pytest.warns(UserWarning, match="without a tokenizer"):
+        pkg = package(model, tmp_path / "pkg", db=MemoryKernelDB())
+    _fails(runner.invoke(app, ["run", str(pkg), "the cat"]), "--ids")
+    _fails(runner.invoke(app, ["run", str(pkg)]), "not both and not neither")
+    _fails(runner.invoke(app, ["run", str(pkg), "--ids", "1,x"]), "--ids must be comma-separated token ids")
+    _fails(runner.invoke(app, ["run", str(pkg), "--ids", "99999999"]), "below the vocabulary size")
+    result = runner.invoke(app, ["run", str(pkg), "--ids", "1,2,3", "--max-new-tokens", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    run = json.loads(result.stdout)
+    with torch.no_grad():
+        want = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False)[0, 3:]
+    assert run["prompt"] == [1, 2, 3] and run["completion"] == want.tolist()

@@ -151,6 +151,8 @@ def test_killed_run_resumes_without_repeating_finished_trials(tmp_path):
     after = [t for t in _journal_trials(journal, "gemm1") if t.state.is_finished()]
     assert len(measured(after)) == 14  # the budget of measurements, counting those of the killed run once
     assert all(t.params == before[t.number] for t in after if t.number in before)  # kept, not redone
+    running = [t for t in _journal_trials(journal, "gemm1") if t.state == optuna.trial.TrialState.RUNNING]
+    assert running == []  # the killed run's trial in flight was failed by the second run, not left RUNNING
     (outcome,) = json.loads(second.stdout)["outcomes"]
     assert outcome["trials"] == 14 and len(open_db(str(db)).records()) == 1
 
@@ -233,3 +235,39 @@ def test_stale_records_are_reported_not_used(tmp_path):
     assert sources == {"default"}
     report = tune(SMALL, m=[8], trials=2, db=db, storage=str(tmp_path / "s.journal"), repeat=3)
     assert all(o.status == "tuned" and o.stale == 1 for o in report.outcomes)  # re-tuned, not reused
+
+
+def test_a_larger_budget_continues_the_study(tmp_path):
+    """Re-running with the same --trials answers from the DB; a larger one resumes the study (even one that
+    patience had stopped) and measures more, without --force."""
+    kw = {
+        "m": [8],
+        "db": str(tmp_path / "k.db"),
+        "storage": str(tmp_path / "s.journal"),
+        "ops": ("experts.gemm1",),
+        "sampler": "random",
+        "patience": 1,
+    }
+    (first,) = tune(SMALL, trials=2, **kw).outcomes
+    (again,) = tune(SMALL, trials=2, **kw).outcomes
+    (more,) = tune(SMALL, trials=5, **kw).outcomes
+    assert first.status == "tuned" and again.status == "cached"
+    assert more.status == "tuned" and more.trials > first.trials
+
+
+def test_orphaned_running_trials_of_dead_processes_are_failed(tmp_path):
+    """Only a RUNNING trial whose process (on this host) is gone is failed; live and other hosts' are kept."""
+    import socket
+
+    from moetune.autotune.tuning.storage import fail_orphans, open_storage
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    study = optuna.create_study(storage=open_storage(str(tmp_path / "s.journal"), tmp_path), study_name="s")
+    workers = [f"{socket.gethostname()}:{dead.pid}", f"{socket.gethostname()}:{os.getpid()}", f"elsewhere:{dead.pid}"]
+    for worker in workers:
+        study.ask().set_user_attr("worker", worker)
+    assert fail_orphans(study) == 1
+    states = {t.user_attrs["worker"]: t.state.name for t in study.get_trials()}
+    assert states == dict(zip(workers, ["FAIL", "RUNNING", "RUNNING"], strict=True))
+    assert "died during the trial" in study.get_trials()[0].user_attrs["error"]

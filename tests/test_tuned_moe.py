@@ -186,3 +186,28 @@ def test_gpu_plan_needs_no_tvm():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("make_x", "needle"),
+    [
+        (lambda: torch.randn(()), r"TunedMoE expects x\[\.\.\., 40\], got \(\)"),
+        (lambda: torch.randn(3, 41), r"TunedMoE expects x\[\.\.\., 40\], got \(3, 41\)"),
+        (lambda: [[0.0] * 40], r"TunedMoE expects x\[\.\.\., 40\], got list"),
+        (lambda: torch.empty(3, 40, device="meta"), "input x is a meta tensor"),
+        (lambda: torch.randn(3, 40, dtype=torch.float16), r"input x is torch.float16 but the layer's weights"),
+    ],
+    ids=["0-d", "width", "list", "meta", "dtype"],
+)
+def test_bad_inputs_name_the_input(make_x, needle):
+    tuned = TunedMoE.from_module(reference_for(small("olmoe-1b-7b", "float32")), db=False)
+    with pytest.raises(ValueError, match=needle):
+        tuned(make_x())
+
+
+def test_zero_tokens_give_the_empty_output_of_the_reference():
+    ref = reference_for(small("qwen1.5-moe-a2.7b", "float32"))  # with a shared expert
+    for shape in ((0, 40), (2, 0, 40)):
+        x = torch.randn(shape)
+        got, want = TunedMoE.from_module(ref, db=False)(x), ref(x)
+        assert got.shape == want.shape == shape and got.dtype == want.dtype

@@ -52,6 +52,33 @@ def report(rows: list[BenchRow], skipped: list[dict[str, Any]], machine: Machine
     }
 
 
+NOISY_SPREAD = 0.25  # (p80 - p20) / p50 above this in any cell: the machine was busy while it was timed
+
+
+def verdict(rows: list[BenchRow], db_location: str, provider: str = "tuned") -> list[str]:
+    """The few lines a newcomer acts on: per cell the layer's speed against the reference and the fastest
+    Hugging Face implementation on this machine, whether the timings were noisy, where the kernels came from."""
+    lines = []
+    mine = [r for r in rows if r.provider == provider]
+    for r in mine:
+        hf = "" if math.isnan(r.speedup_vs_best_hf) else f", {r.speedup_vs_best_hf:.2f}x the best HF ({r.best_hf})"
+        lines.append(
+            f"{r.preset} {r.dtype} T={r.tokens}: {provider} {r.p50_ms:.2f} ms = "
+            f"{r.speedup_vs_reference:.2f}x the reference{hf}, {r.pct_roofline:.0f}% of this machine's roof"
+        )
+    if mine and all(math.isnan(r.speedup_vs_best_hf) for r in mine):
+        lines.append("no Hugging Face provider was timed: add --providers reference,hf-eager,hf-grouped_mm,tuned")
+    noisy = max(rows, key=lambda r: (r.p80_ms - r.p20_ms) / r.p50_ms if r.p50_ms > 0 else 0.0, default=None)
+    if noisy is not None and noisy.p50_ms > 0 and (noisy.p80_ms - noisy.p20_ms) / noisy.p50_ms > NOISY_SPREAD:
+        spread = (noisy.p80_ms - noisy.p20_ms) / noisy.p50_ms
+        lines.append(
+            f"warning: the machine was busy: p20-p80 spread up to {spread:.0%} of p50 ({noisy.preset} "
+            f"T={noisy.tokens} {noisy.provider}); ratios are less certain, re-run on a quiet machine"
+        )
+    lines.append(f"kernels: {provider} = the winners in {db_location} (`moetune db ls` lists them)")
+    return lines
+
+
 def _cell(r: BenchRow) -> str:
     return f"{r.preset} {'bf16' if r.dtype == 'bfloat16' else r.dtype[:4]} T={r.tokens}"
 

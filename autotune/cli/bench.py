@@ -63,10 +63,10 @@ def bench_command(
     slow_call_s: Annotated[
         float, typer.Option(help="A provider whose warm-up call takes longer is timed by that single call.")
     ] = 30.0,
-    out: Annotated[
-        str | None, typer.Option(help="CSV to append rows to. Default: results/<machine>/layer_bench_v2.csv.")
-    ] = None,
-    save: Annotated[bool, typer.Option(help="Append the rows to the CSV.")] = True,
+    out: Annotated[str | None, typer.Option(help="CSV to append the rows to (implies --save).")] = None,
+    save: Annotated[
+        bool, typer.Option(help="Append the rows to a CSV: --out, else results/<machine>/layer_bench_v2.csv.")
+    ] = False,
     report: Annotated[
         str | None, typer.Option(help="Write a JSON report (ceilings, rows, skipped, tuned-vs-HF geomean) here.")
     ] = None,
@@ -159,6 +159,7 @@ def bench_command(
     full = bench_report.report(rows, skipped, machine)
     full["tuned_vs_grouped_mm"] = speedup_over(rows, "tuned", "hf-grouped_mm")
     path = Path(out) if out else Path("results") / where / CSV_NAME
+    save = save or out is not None
     if save:
         try:
             append_csv(rows, path)
@@ -190,3 +191,16 @@ def bench_command(
         console.print(f"tuned vs hf-grouped_mm: geomean {over['geomean']:.2f}x over {len(over['cells'])} cells")
     if save:
         console.print(f"rows appended to {path}")
+    if "tuned" in chosen:
+        from moetune.autotune.tuning.storage import mask_url
+        from moetune.kernels.db import default_db_path
+
+        console.print()
+        for line in bench_report.verdict(rows, mask_url(str(db or default_db_path()))):
+            console.print(line, highlight=False, soft_wrap=True)
+        console.print(
+            "next: `moetune tune -p <preset> --trials 64` searches longer; `moetune bench` (no -p) times the "
+            "four-preset matrix against Hugging Face; `moetune package` ships a model with these kernels",
+            highlight=False,
+            soft_wrap=True,
+        )

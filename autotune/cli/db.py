@@ -33,10 +33,11 @@ DbOption = Annotated[
 
 
 @contextmanager
-def _opened(db: str | None) -> Iterator[KernelDB]:
-    """Open the database; any KernelDBError while it is open becomes a one-line failure."""
+def _opened(db: str | None, create: bool = False) -> Iterator[KernelDB]:
+    """Open the database (created only by `import`: looking never creates one); any KernelDBError while it is
+    open becomes a one-line failure."""
     try:
-        handle = open_db(db)
+        handle = open_db(db, create=create)
     except KernelDBError as exc:
         fail(escape(str(exc)))
     try:
@@ -70,15 +71,18 @@ def ls(
     if not rows:
         console.print(f"no records in {location}", highlight=False)
         return
-    table = Table(title=f"kernel database {location} ({len(rows)} records)")
-    for column in ("id", "target", "op", "dtype", "M", "backend", "p50 ms", "torch p50 ms", "speedup", "stale"):
+    table = Table(title=f"kernel database {location} ({len(rows)} records; `db show ID` for the full op)")
+    models = _models()
+    columns = ("id", "target", "model", "op", "dtype", "M", "backend", "p50 ms", "torch p50 ms", "speedup", "stale")
+    for column in columns:
         right = column in ("M", "p50 ms", "torch p50 ms", "speedup")
         table.add_column(column, justify="right" if right else "left", overflow="fold")
     for r in rows:
         table.add_row(
             r["id"],
-            r["target"],
-            r["op"],
+            r["target"].removeprefix("llvm -mcpu=").removeprefix("cuda -arch="),
+            models.get(r["op"], ""),
+            _short_op(r["op"]),
             r["dtype"],
             str(r["m_bucket"]),
             r["backend"],
@@ -88,6 +92,34 @@ def ls(
             "[yellow]stale[/yellow]" if r["stale"] else "",
         )
     console.print(table)
+
+
+def _short_op(signature: str) -> str:
+    """gemm1[H=2048,I=768,E=128,BM=8,gated=1,...]:float32 -> gemm1 H=2048 I=768 E=128 BM=8: the sizes only."""
+    name, _, rest = signature.partition("[")
+    sizes = [kv for kv in rest.split("]")[0].split(",") if kv.split("=")[0] in _SIZES]
+    return " ".join([name, *sizes])
+
+
+_SIZES = ("H", "I", "E", "K", "BM")
+
+
+def _models() -> dict[str, str]:
+    """op signature -> the presets whose layer lowers to it (any M bucket, CPU or CUDA; shared experts too),
+    full size or /4 (the bench matrix's shrink)."""
+    from moetune.ir.program import lower
+    from moetune.model.config import MoEConfig
+
+    found: dict[str, set[str]] = {}
+    for name in MoEConfig.presets():
+        for dtype, shrink in ((d, s) for d in ("float32", "bfloat16") for s in (1, 4)):
+            cfg = MoEConfig.preset(name, dtype=dtype).shrunk(shrink)
+            label = name if shrink == 1 else f"{name}/{shrink}"
+            for kind in ("cpu", "cuda"):
+                for bucket in (1 << b for b in range(14)):
+                    for op in lower(cfg, bucket, target_kind=kind):
+                        found.setdefault(op.problem.signature, set()).add(label)
+    return {sig: ",".join(sorted(names)) for sig, names in found.items()}
 
 
 @db_app.command("show")
@@ -137,7 +169,7 @@ def import_(
     db: DbOption = None,
 ) -> None:
     """Merge records from a JSON export; a record replaces a stored one only if its p50 is lower."""
-    with _opened(db) as handle:
+    with _opened(db, create=True) as handle:
         stored = handle.import_json(file)
         location = handle.location
     console.print(f"imported {stored} records into {location} (better wins)", highlight=False)

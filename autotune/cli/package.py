@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.text import Text
 
 from moetune.autotune.cli.common import JsonFlag, console, err_console, fail, print_json
 
@@ -77,21 +78,39 @@ def package_command(
 
 def run_command(
     package_dir: Annotated[Path, typer.Argument(metavar="PACKAGE", help="A directory written by `moetune package`.")],
-    text: Annotated[str, typer.Argument(metavar="INPUT", help="The prompt (causal LM) or sentence (encoder).")],
+    text: Annotated[
+        str | None, typer.Argument(metavar="[INPUT]", help="The prompt (causal LM) or sentence (encoder).")
+    ] = None,
+    ids: Annotated[
+        str | None,
+        typer.Option(help="The prompt as token ids, e.g. 1,2,3 (a causal LM packaged without a tokenizer)."),
+    ] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate (causal LM).")] = 20,
     target: Annotated[str, typer.Option("--target", "-t", help="Target to run on.")] = "cpu",
     as_json: JsonFlag = False,
 ) -> None:
     """Run a packaged model: a causal LM generates greedily from INPUT; an encoder prints INPUT's embedding.
 
-    Example: moetune run ./student.moetune "The cat sat on the mat."
+    Example: moetune run ./student.moetune "The cat sat on the mat."   or   moetune run ./lm.pkg --ids 1,2,3
     """
     from moetune.model.packaging import PackageError, load, load_tokenizer, read_manifest
 
+    if (text is None) == (ids is None):
+        fail("give the input as INPUT text or as --ids, not both and not neither")
+    prompt_ids = _token_ids(ids) if ids is not None else None
     try:
-        kind = read_manifest(package_dir)["kind"]
+        kind = read_manifest(package_dir)["kind"]  # verified first: a tampered package is reported as such
         if kind == "moe":
             fail(f"{package_dir} holds a bare MoE layer with no text interface; use moetune.model.load() in Python")
+        tok = load_tokenizer(package_dir) if kind == "hf-causal-lm" else None
+        if kind == "hf-causal-lm" and tok is None and prompt_ids is None:
+            fail(f"{package_dir} has no tokenizer; give the prompt as token ids (--ids 1,2,3) or package a tokenizer")
+        if kind == "hf-causal-lm" and prompt_ids is not None:
+            from transformers import AutoConfig
+
+            vocab = AutoConfig.from_pretrained(str(package_dir)).get_text_config().vocab_size
+            if max(prompt_ids) >= vocab:
+                fail(f"--ids must be token ids below the vocabulary size {vocab}, got {max(prompt_ids)}")
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
             model = load(package_dir, target=target)
@@ -104,18 +123,15 @@ def run_command(
 
     start = time.perf_counter()
     if kind == "hf-causal-lm":
-        tok = load_tokenizer(package_dir)
-        if tok is None:
-            fail(f"{package_dir} has no tokenizer; package the model with its tokenizer to run it from text")
-        ids = tok(text, return_tensors="pt").input_ids
+        input_ids = torch.tensor([prompt_ids]) if prompt_ids is not None else tok(text, return_tensors="pt").input_ids
         with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+            out = model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False)
         seconds = time.perf_counter() - start
-        new = out[0, ids.shape[1] :]
+        new = out[0, input_ids.shape[1] :]
         result = {
             "kind": kind,
-            "prompt": text,
-            "completion": tok.decode(new, skip_special_tokens=True),
+            "prompt": text if text is not None else prompt_ids,
+            "completion": tok.decode(new, skip_special_tokens=True) if tok is not None else new.tolist(),
             "new_tokens": int(new.numel()),
             "seconds": seconds,
             "tokens_per_s": new.numel() / seconds,
@@ -123,9 +139,15 @@ def run_command(
         if as_json:
             print_json(result)
         else:
-            console.print(f"{text}[bold]{result['completion']}[/bold]", highlight=False, soft_wrap=True)
+            prompt, completion = result["prompt"], result["completion"]
+            if text is None:
+                console.print(f"prompt ids {prompt} -> new ids {completion}", highlight=False, soft_wrap=True)
+            else:  # Text, not markup: a prompt holding [brackets] prints as it is
+                console.print(Text(prompt) + Text(completion, style="bold"), soft_wrap=True)
             console.print(f"{result['new_tokens']} tokens in {seconds:.2f} s ({result['tokens_per_s']:.1f} tok/s)")
     elif hasattr(model, "encode"):
+        if text is None:
+            fail(f"{package_dir} holds an encoder: give the sentence as INPUT (--ids is for causal LMs)")
         emb = model.encode([text])[0]
         seconds = time.perf_counter() - start
         if as_json:
@@ -136,3 +158,14 @@ def run_command(
             console.print(f"[{head}, ...]")
     else:
         fail(f"{package_dir} holds a {kind} model with no text interface; use moetune.model.load() in Python")
+
+
+def _token_ids(text: str) -> list[int]:
+    """'1,2,3' -> [1, 2, 3]: token ids, each >= 0; anything else is a one-line failure."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        fail(f"--ids must be comma-separated token ids, got {text!r}")
+    if not values or min(values) < 0:
+        fail(f"--ids must be token ids >= 0, got {text!r}")
+    return values

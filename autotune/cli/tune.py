@@ -97,12 +97,32 @@ class LiveView:
                 r["state"],
                 str(r["trials"]),
                 str(r["failed"]),
-                f"{r['best']:.3f}",
-                f"{torch_p50:.3f}",
-                f"{speed:.2f}x",
+                _blank(r["best"], "{:.3f}"),  # nothing measured yet: a blank, not "nan"
+                _blank(torch_p50, "{:.3f}"),
+                _blank(speed, "{:.2f}x"),
                 r.get("backend", ""),
             )
         return table
+
+    @staticmethod
+    def line(event: dict[str, Any]) -> str | None:
+        """One plain progress line for a log or CI (output not on a terminal): a study's start and its end."""
+        if event["kind"] == "study_start":
+            return f"tuning M={event['m']} {event['op']} ..."
+        if event["kind"] != "study_end":
+            return None
+        o = event["outcome"]
+        o = SimpleNamespace(**o) if isinstance(o, dict) else o
+        speed = o.torch_p50_ms / o.p50_ms if o.p50_ms and not math.isnan(o.p50_ms) else math.nan
+        return (
+            f"M={o.m_bucket} {o.name}: {o.status}, {o.backend or '-'} p50 {_blank(o.p50_ms, '{:.3f} ms')} "
+            f"(torch {_blank(o.torch_p50_ms, '{:.3f} ms')}, {_blank(speed, '{:.2f}x')}), "
+            f"{o.trials} trials, {o.seconds:.0f} s"
+        )
+
+
+def _blank(value: float, fmt: str) -> str:
+    return "" if value is None or math.isnan(value) else fmt.format(value)
 
 
 def tune_command(
@@ -190,14 +210,20 @@ def tune_command(
         run_workers(cfg, ms, target, db, workers, args, LiveView(), as_json)
         return
     view = LiveView()
+    plain = not console.is_terminal and not (as_json or events)  # a log or CI: lines as studies end, no redraws
     try:
-        with Live(view.render(), console=console, refresh_per_second=4, transient=as_json or events) as live:
+        with Live(view.render(), console=console, refresh_per_second=4, transient=as_json or events or plain) as live:
 
             def on_event(event: dict[str, Any]) -> None:
                 if events:
                     typer.echo(json.dumps(_event_json(event), default=str), nl=True)
                     return
                 view.on_event(event)
+                if plain:
+                    text = view.line(event)
+                    if text:
+                        console.print(text, highlight=False, soft_wrap=True)
+                    return
                 live.update(view.render())
 
             report = tune(
@@ -223,7 +249,15 @@ def tune_command(
     if as_json:
         print_json(report.to_dict())
         return
+    if plain:
+        console.print(view.render())
     console.print()
+    cut = [o for o in report.outcomes if o.cut_short]
+    if cut:
+        console.print(
+            f"the time budget ({time_budget}) ended {len(cut)} of {len(report.outcomes)} studies before --trials "
+            f"{trials}; their winners are the best found so far (re-run with a larger budget to continue them)"
+        )
     stale = sum(o.stale for o in report.outcomes)
     if stale:
         console.print(f"{stale} stale kernel record(s) (tuned with other versions) were reported and re-tuned")

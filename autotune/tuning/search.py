@@ -30,7 +30,7 @@ from typing import Any
 import optuna
 
 from moetune.autotune.tuning.samplers import encode, make_sampler, suggest
-from moetune.autotune.tuning.storage import create_study, settle_study
+from moetune.autotune.tuning.storage import create_study, fail_orphans, settle_study
 from moetune.autotune.tuning.worker import Task, Worker
 from moetune.ir.program import Problem
 from moetune.ir.target import Target
@@ -80,6 +80,7 @@ class OpOutcome:
     repeats: int = 0  # proposals of an already measured point (answered from the study)
     seconds: float = 0.0
     stale: int = 0  # stale DB records for this key that were reported and re-tuned
+    cut_short: bool = False  # the time budget ended the study before its trial budget
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -113,6 +114,19 @@ def _study_name(target: Target, problem: Problem, m_bucket: int, versions: dict[
     the full choices is not resumed into this one)."""
     name = f"moetune|{target.name}|{problem.signature}|M{m_bucket}|src={versions['source']}|enc=2"
     return name if backend == "tvm" else f"{name}|{backend}"
+
+
+def _budget_run(ctx: StudyContext, problem: Problem, m: int, versions: dict[str, str], record: KernelRecord) -> int:
+    """The largest trial budget this key's studies ran with (else the winner's trial count): a re-run that
+    asks for more continues the studies (Optuna resumes them from the storage) instead of answering cached."""
+    budgets = [record.trials]
+    for backend in tuned_backends(problem.op, ctx.target):
+        name = _study_name(ctx.target, problem, m, versions, backend)
+        try:
+            budgets.append(int(optuna.load_study(study_name=name, storage=ctx.storage).user_attrs.get("budget", 0)))
+        except KeyError:  # no such study in this storage (another storage, or deleted): the record decides
+            continue
+    return max(budgets)
 
 
 def _measure(ctx: StudyContext, m: int, op_name: str, backend: str, point: Point, cutoff_ms: float | None = None):
@@ -160,7 +174,7 @@ def tune_op(
     key = kernel_key(ctx.target, problem, m)
     found = ctx.db.lookup(key, versions)
     outcome = OpOutcome(op_name, problem.signature, m, "tuned", stale=len(found.stale))
-    if found.kind == "exact" and not force:
+    if found.kind == "exact" and not force and trials <= _budget_run(ctx, problem, m, versions, found.record):
         r = found.record
         outcome.status, outcome.backend, outcome.config = "cached", r.backend, r.config
         outcome.p50_ms, outcome.torch_p50_ms, outcome.trials = r.p50_ms, r.baseline_p50_ms, r.trials
@@ -175,6 +189,7 @@ def tune_op(
         space = backend_info(backend).space(problem, ctx.target).narrowed()
         sampler = make_sampler(ctx.sampler, space, ctx.seed)
         study = create_study(ctx.storage, _study_name(ctx.target, problem, m, versions, backend), sampler)
+        fail_orphans(study)
         baseline = baseline or study.user_attrs.get("torch")
         studies.append((backend, space, study))
     if baseline is None:
@@ -189,7 +204,10 @@ def tune_op(
     for backend, space, study in studies:
         share = time_budget / len(studies) if time_budget is not None else None  # the budget is split
         _run_study(ctx, op_name, problem, m, trials, share, versions, backend, space, study)
-    return _finish(ctx, studies, outcome, key, versions, baseline, started)
+    outcome = _finish(ctx, studies, outcome, key, versions, baseline, started)
+    spent = time.monotonic() - started
+    outcome.cut_short = time_budget is not None and spent >= 0.95 * time_budget and outcome.trials < trials
+    return outcome
 
 
 def _run_study(ctx, op_name, problem, m, trials, time_budget, versions, backend, space, study) -> None:
@@ -238,6 +256,7 @@ def _run_study(ctx, op_name, problem, m, trials, time_budget, versions, backend,
         on_trial=on_trial,
         settle=isinstance(ctx.storage, optuna.storages.RDBStorage),
     )
+    study.set_user_attr("budget", max(trials, int(study.user_attrs.get("budget", 0))))
 
 
 def measured(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
@@ -270,6 +289,8 @@ def explore(
     budget = 1 if not space.params else trials
     feasible = list(space.points())
     states = optuna.trial.TrialState
+    # patience counts from where this run started: a resumed study (a larger budget) gets `patience` fresh tries
+    resumed_at = len(measured(study.get_trials(deepcopy=False, states=(states.COMPLETE, states.FAIL))))
 
     def objective(trial: optuna.Trial) -> float:
         point = suggest(trial, space)
@@ -299,7 +320,7 @@ def explore(
         complete = [i for i, t in enumerate(spent) if t.state == states.COMPLETE]
         if patience is None or not complete:
             return False
-        best = min(complete, key=lambda i: spent[i].value)
+        best = max(min(complete, key=lambda i: spent[i].value), resumed_at - 1)
         return len(spent) - 1 - best >= patience
 
     def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import time
 import warnings
 from pathlib import Path
@@ -48,10 +49,18 @@ def open_storage(storage: str | None, default_dir: Path):
         except Exception as exc:
             raise ValueError(f"cannot open the Optuna storage: {mask_url(' '.join(str(exc).split()))[:300]}") from None
     path = Path(storage) if storage else default_dir / "studies.journal"
-    path.parent.mkdir(parents=True, exist_ok=True)
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-    return JournalStorage(JournalFileBackend(str(path)))
+    try:
+        if storage is None:  # only the default location is created; a given path's folder must exist
+            path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            raise IsADirectoryError(21, "is a directory")
+        with path.open("ab"):  # writable (created empty if new: a journal file starts empty)
+            pass
+        return JournalStorage(JournalFileBackend(str(path)))
+    except OSError as exc:
+        raise ValueError(f"cannot use {path} as the Optuna study journal: {exc.strerror or exc}") from None
 
 
 def create_study(storage, name: str, sampler: optuna.samplers.BaseSampler) -> optuna.Study:
@@ -64,6 +73,31 @@ def create_study(storage, name: str, sampler: optuna.samplers.BaseSampler) -> op
         except (optuna.exceptions.DuplicatedStudyError, sqlalchemy.exc.IntegrityError):
             time.sleep(0.2 * (attempt + 1))
     return optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+
+
+def fail_orphans(study: optuna.Study) -> int:
+    """Mark FAIL the RUNNING trials of processes on this host that no longer exist (a tuner killed with -9 on a
+    journal storage, which has no heartbeat, leaves its trial RUNNING for ever). Trials of live processes and
+    of other hosts are left alone. Returns how many were failed."""
+    here, failed = socket.gethostname(), 0
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
+        if host != here or not pid.isdigit() or _alive(int(pid)):
+            continue
+        study._storage.set_trial_user_attr(trial._trial_id, "error", f"process {pid} died during the trial")
+        study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        failed += 1
+    return failed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def settle_study(study: optuna.Study, objective, on_trial, catch: tuple[type[Exception], ...]) -> None:

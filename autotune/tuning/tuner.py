@@ -14,13 +14,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
+
 from moetune.autotune.tuning.samplers import SAMPLERS
 from moetune.autotune.tuning.search import OpOutcome, StudyContext, tune_op
 from moetune.autotune.tuning.storage import open_storage
 from moetune.autotune.tuning.worker import Worker
 from moetune.ir.program import lower, m_bucket
 from moetune.ir.target import resolve_target
-from moetune.kernels.cache import cache_root
+from moetune.kernels.cache import writable_cache_root
 from moetune.kernels.db import KernelDB, open_db
 from moetune.model.config import MoEConfig
 
@@ -53,6 +55,36 @@ class TuneReport:
         return out
 
 
+def _available_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (Linux), else None (then nothing is refused)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _check_memory(cfg: MoEConfig, tokens: int, target_kind: str) -> None:
+    """Refuse, before anything is allocated or written, a tune that cannot fit: the worker holds the layer's
+    weights and one packed copy, the inputs and the routed intermediates of the largest M (a lower bound; an
+    `--m 1000000000` or terabyte-sized `--hf-config` once died in an allocation with a traceback)."""
+    if target_kind != "cpu":
+        return
+    size = torch.finfo(cfg.torch_dtype).bits // 8
+    h, i, e, k = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts, cfg.top_k
+    weights = (e * (cfg.up_factor * i * h + h * i) + e * h + 3 * cfg.shared_size * h) * size
+    activations = tokens * (2 * h + k * (cfg.up_factor * i + h)) * 4
+    need, free = 2 * weights + activations, _available_bytes()
+    if free is not None and need > free:
+        raise ValueError(
+            f"tuning {cfg.name or 'this layer'} at M={tokens} needs at least {need / 2**30:,.1f} GiB of memory; "
+            f"{free / 2**30:,.1f} GiB is available (lower --m, or --shrink the layer)"
+        )
+
+
 def tune(
     cfg: MoEConfig,
     target: str = "cpu",
@@ -82,6 +114,15 @@ def tune(
         raise ValueError(f"trials must be >= 1, got {trials}")
     buckets = sorted({m_bucket(v) for v in m})
     tgt = resolve_target(target)
+    _check_memory(cfg, buckets[-1], tgt.kind)
+    # lowered for the target kind: BM (and so the problem signatures) are what TunedMoE looks up there
+    programs = {bucket: lower(cfg, bucket, target_kind=tgt.kind) for bucket in buckets}
+    jobs = [(bucket, op) for bucket in buckets for op in programs[bucket] if ops is None or op.name in ops]
+    if not jobs:
+        names = ", ".join(o.name for o in lower(cfg, 1, target_kind=tgt.kind))
+        raise ValueError(f"no op of the program matches {ops}; ops: {names}")
+    cache = writable_cache_root()  # before the DB is opened or created: a bad cache dir writes nothing
+    studies = open_storage(storage, cache)
     database = db if isinstance(db, KernelDB) else open_db(db)
     worker = Worker()
     ctx = StudyContext(
@@ -89,7 +130,7 @@ def tune(
         target=tgt,
         worker=worker,
         db=database,
-        storage=open_storage(storage, cache_root()),
+        storage=studies,
         sampler=sampler,
         trial_timeout=trial_timeout,
         repeat=repeat,
@@ -100,12 +141,6 @@ def tune(
     )
     report = TuneReport(cfg.name or "custom", tgt.name, cfg.dtype, buckets, sampler)
     started = time.monotonic()
-    # lowered for the target kind: BM (and so the problem signatures) are what TunedMoE looks up there
-    programs = {bucket: lower(cfg, bucket, target_kind=tgt.kind) for bucket in buckets}
-    jobs = [(bucket, op) for bucket in buckets for op in programs[bucket] if ops is None or op.name in ops]
-    if not jobs:
-        names = ", ".join(o.name for o in lower(cfg, 1, target_kind=tgt.kind))
-        raise ValueError(f"no op of the program matches {ops}; ops: {names}")
     try:
         for index, (bucket, op) in enumerate(jobs):
             budget = None

@@ -51,11 +51,14 @@ def default_db_path() -> Path | str:
     return cache_root() / "kernels.db"
 
 
-def open_db(url_or_path: str | Path | None = None) -> KernelDB:
-    """None -> the default; "memory"/":memory:" -> MemoryKernelDB; "x://..." -> SQLAlchemy URL; else an SQLite file."""
+def open_db(url_or_path: str | Path | None = None, create: bool = True) -> KernelDB:
+    """None -> the default; "memory"/":memory:" -> MemoryKernelDB; "x://..." -> SQLAlchemy URL; else an SQLite file.
+
+    An SQLite file that does not exist is created only with `create` (readers pass False: looking never
+    creates), and its folder only at the default location (a mistyped --db path is an error, not a new tree)."""
     where = default_db_path() if url_or_path is None else url_or_path
     if isinstance(where, str) and where.strip() in ("memory", ":memory:"):
         return MemoryKernelDB()
     from moetune.kernels.db.sql import SQLKernelDB
 
-    return SQLKernelDB(where)
+    return SQLKernelDB(where, create=create, make_folder=url_or_path is None)

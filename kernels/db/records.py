@@ -305,9 +305,19 @@ class KernelDB(ABC):
             raise KernelDBError(f"cannot write {path}: {exc.strerror or exc}") from None
         return len(rows)
 
-    def import_json(self, path: str | Path) -> int:
-        """Merge an export into this database (better wins); returns how many records were stored."""
-        return sum(self.put(r) for r in _read_envelope(Path(path)))
+    def import_json(self, path: str | Path, check: bool = True) -> int:
+        """Merge an export into this database (better wins); returns how many records were stored.
+
+        With `check` every record is checked first (kernels/db/checks.py): one that could not run here refuses
+        the whole file, naming the record, before anything is written."""
+        from moetune.kernels.db.checks import record_problem
+
+        records = _read_envelope(Path(path))
+        for i, record in enumerate(records):
+            problem = record_problem(record) if check else None
+            if problem is not None:
+                raise KernelDBError(f"{path}: record {i} ({record.key.op[:60]}, {record.key.target[:40]}): {problem}")
+        return sum(self.put(r) for r in records)
 
     def prune(self, versions: dict[str, str], everything: bool = False) -> int:
         """Delete stale records (versions != `versions`), or all of them; returns how many went."""

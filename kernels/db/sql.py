@@ -98,7 +98,9 @@ def _one_line(exc: BaseException) -> str:
 class SQLKernelDB(KernelDB):
     """Records in SQL through SQLAlchemy: an SQLite file path, or any SQLAlchemy URL (`sqlite://` = in memory)."""
 
-    def __init__(self, url_or_path: str | Path) -> None:
+    def __init__(self, url_or_path: str | Path, create: bool = True, make_folder: bool = False) -> None:
+        """`create`: a missing SQLite file may be created; `make_folder`: so may its missing folders."""
+        self._create, self._make_folder = create, make_folder
         self._engine: sa.Engine | None = None
         self._lock: Any = contextlib.nullcontext()
         is_url = isinstance(url_or_path, str) and "://" in url_or_path
@@ -142,7 +144,7 @@ class SQLKernelDB(KernelDB):
             engine = sa.create_engine(url, poolclass=StaticPool, connect_args={"check_same_thread": False})
         else:
             if not database.startswith("file:"):
-                _check_sqlite_file(Path(database), self.location)
+                _check_sqlite_file(Path(database), self.location, self._create, self._make_folder)
             engine = sa.create_engine(url, connect_args={"timeout": 60})
 
         # pysqlite begins transactions lazily and only before writes; take the BEGIN over so that a write
@@ -263,8 +265,8 @@ class SQLKernelDB(KernelDB):
             self._engine = None
 
 
-def _check_sqlite_file(path: Path, location: str) -> None:
-    """Refuse what is not an SQLite file before SQLite sees it; create the parent dirs of a new one."""
+def _check_sqlite_file(path: Path, location: str, create: bool, make_folder: bool) -> None:
+    """Refuse what is not an SQLite file before SQLite sees it; a new one only where allowed (SQLKernelDB)."""
     try:
         if path.is_dir():
             raise KernelDBError(f"kernel database {location} is a directory")
@@ -273,7 +275,11 @@ def _check_sqlite_file(path: Path, location: str) -> None:
                 head = f.read(len(_SQLITE_MAGIC))
             if head and head != _SQLITE_MAGIC:
                 raise KernelDBError(f"kernel database {location} is not an SQLite file")
-        else:
+        elif not create:
+            raise KernelDBError(f"no kernel database at {location} (`moetune tune` creates one)")
+        elif make_folder:
             path.parent.mkdir(parents=True, exist_ok=True)
+        elif not path.parent.is_dir():
+            raise KernelDBError(f"kernel database {location}: its folder {path.parent} does not exist")
     except OSError as exc:
         raise KernelDBError(f"kernel database {location}: {exc.strerror or exc}") from None

@@ -155,7 +155,13 @@ def _load(config_or_path: Any) -> Any:
             path = path / "config.json"
         if not path.is_file():
             raise ValueError(f"no HF config at {path}")
-        return json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise ValueError(f"{path} is not a readable JSON config: {exc}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} is not a JSON object")
+        return data
     return config_or_path
 
 

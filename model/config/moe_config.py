@@ -192,7 +192,11 @@ class MoEConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> MoEConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise ValueError(f"{path} is not a readable MoEConfig JSON file: {exc}") from None
+        return cls.from_dict(data)
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> MoEConfig:

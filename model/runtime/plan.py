@@ -49,8 +49,8 @@ def as_kernel_config(spec: ConfigSpec) -> KernelConfig:
 
 
 def runtime_db(db: Any) -> KernelDB | None:
-    """The runtime's reading of `db`: None -> the default DB if it exists (never created here); False -> none;
-    a KernelDB as it is; else open_db(db)."""
+    """The runtime's reading of `db`: None -> the default DB if it exists; False -> none; a KernelDB as it is;
+    else open_db(db), which must exist: the runtime only reads, it never creates a database."""
     if db is False:
         return None
     if isinstance(db, KernelDB):
@@ -58,7 +58,7 @@ def runtime_db(db: Any) -> KernelDB | None:
     if db is None:
         path = default_db_path()
         return open_db(path) if "://" in str(path) or path.exists() else None
-    return open_db(db)
+    return open_db(db, create=False)
 
 
 @dataclass(frozen=True)

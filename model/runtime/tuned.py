@@ -34,6 +34,17 @@ def _tensors(module: nn.Module) -> list[torch.Tensor]:
     return [*module.parameters(), *module.buffers()]
 
 
+def _check_input(x: Any, hidden: int, dtype: torch.dtype) -> None:
+    """The layer's input, named as the input: its shape (..., H), a real tensor, the weights' dtype."""
+    if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] != hidden:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"TunedMoE expects x[..., {hidden}], got {shape}")
+    if x.is_meta:
+        raise ValueError("TunedMoE input x is a meta tensor (no data); materialise the model and its inputs first")
+    if x.dtype != dtype:
+        raise ValueError(f"TunedMoE input x is {x.dtype} but the layer's weights are {dtype}; cast x.to({dtype})")
+
+
 class _OwnParameters:
     """Weights of a moetune MoE's children: the parameters and buffers themselves, under their state_dict names."""
 
@@ -159,13 +170,14 @@ class TunedMoE(nn.Module):
     # ---- running ----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def forward(self, x: torch.Tensor):
-        h = self.cfg.hidden_size
-        if x.shape[-1] != h:
-            raise ValueError(f"TunedMoE expects x[..., {h}], got shape {tuple(x.shape)}")
         w = self.weights()
-        x2 = x.reshape(-1, h)
+        _check_input(x, self.cfg.hidden_size, w["router.weight"].dtype)
+        x2 = x.reshape(-1, self.cfg.hidden_size)
+        if x2.shape[0] == 0:  # no tokens: the empty output the reference returns (the kernels need T >= 1)
+            weights = x2.new_empty(0, self.cfg.top_k, dtype=torch.float32)
+            return self._owner.returns(torch.empty_like(x), x2, weights, w)
         out, weights = self.runner.layer(x2, w)
-        return self._owner.returns(out.reshape(*x.shape[:-1], h), x2, weights, w)
+        return self._owner.returns(out.reshape(x.shape), x2, weights, w)
 
     @torch.no_grad()
     def run_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -150,7 +150,9 @@ def _graph_replays(fn: Callable[[Any], Any], inputs: Sequence[Any], repeat: int)
 
 
 def machine_name(device: str = "cpu") -> str:
-    """A stable folder name for results/: CPU model and core count, or the GPU's name (device "cuda[:i]")."""
+    """A stable folder name for results/: CPU model, LLVM's name of its microarchitecture and core count
+    (amd-epyc-znver4-2c-x86_64: two EPYC machines of different generations report the same model name), or
+    the GPU's name (device "cuda[:i]")."""
     from moetune.ir.target import device_slug, host_cpu
 
     if device.startswith("cuda"):
@@ -158,4 +160,5 @@ def machine_name(device: str = "cpu") -> str:
 
         return device_slug(torch.cuda.get_device_name(torch.device(device)))  # e.g. nvidia-h100-80gb-hbm3
     cpu = host_cpu()
-    return f"{device_slug(cpu['name'])}-{cpu['cores']}c-{platform.machine()}"
+    mcpu = cpu["target"].rpartition("-mcpu=")[2]
+    return f"{device_slug(cpu['name'])}-{device_slug(mcpu)}-{cpu['cores']}c-{platform.machine()}"

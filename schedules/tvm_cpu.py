@@ -19,7 +19,7 @@ Router logits use mt = 1 (T is symbolic and not split, for the same compile reas
 Default point (good without tuning): among the (mt, nt) that fit the registers (mt dividing BM, nt not wider
 than the output), first those whose panel width divides the output width (a partial last panel is slow: on
 gpt-oss-20b/4, H = I = 720, nt = 32/64 -> 16 made the whole layer 2.8x faster at T=16 in fp32 and 4.4x in bf16;
-results/amd-epyc-2c-x86_64/default_nt_gpt-oss-20b_shrink4.json), then the one
+results/amd-epyc-znver3-2c-x86_64/default_nt_gpt-oss-20b_shrink4.json), then the one
 with the most FMAs per load per reduction step (tiles*mt*nt/lanes FMAs against
 mt broadcasts + tiles*nt/lanes weight loads), ties to the larger mt (measured on Mixtral-8x7B gemm1, T=256:
 mt=4 x nt=8 808 ms vs mt=2 x nt=16 1003 ms); kt = 4 when it divides the reduction

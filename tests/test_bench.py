@@ -230,3 +230,11 @@ def test_verdict_tells_speed_noise_and_where_the_kernels_came_from():
     )
     no_hf = [_row(**quiet, tokens=1, provider="tuned", speedup_vs_reference=3.0, speedup_vs_best_hf=math.nan)]
     assert any("no Hugging Face provider was timed" in line for line in verdict(no_hf, "x"))
+
+
+def test_each_cell_re_measures_the_read_roof():
+    """A CPU cell's % of roof uses the bandwidth measured around it, not the one taken at the start of the run."""
+    cfg = MoEConfig(hidden_size=32, intermediate_size=16, num_experts=4, top_k=2)
+    stale = Machine({"float32": 100.0}, read_gbs=1e6, copy_gbs=1e6, matmul_n={}, stream_bytes=64 << 20)
+    result = bench_layer(cfg, [1, 4], ("reference",), machine=stale, repeat=2)
+    assert result.rows and all(0 < r.read_gbs < 1e5 for r in result.rows)

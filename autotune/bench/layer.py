@@ -13,7 +13,8 @@ before it is timed; one that does not match is reported and not timed):
   hf-batched_mm   ... "batched_mm" (gathers S copies of expert weights: skipped where that exceeds a limit)
 Per cell (preset, dtype, T): p20/p50/p80, useful GFLOP/s, GB/s of the bytes a forward must move (the
 experts the routing touched + router + shared + activations, autotune/bench/roofline.py) and % of this machine's
-roofline (ceilings measured in the same run), speedup over the reference and over the best HF provider.
+roofline (matmul peak measured in the same run; on a CPU the read bandwidth re-measured around each cell, since a
+shared host's bandwidth drifts), speedup over the reference and over the best HF provider.
 On a GPU (target "cuda") the layer, its weights and the inputs live on the device, calls are timed with CUDA
 events or CUDA graph replays (autotune/measure.py), and hf-grouped_mm (transformers' torch._grouped_mm path)
 is the baseline the GPU targets name (`speedup_over`).
@@ -24,6 +25,7 @@ Legend: T tokens, H hidden, K top-k.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import time
@@ -34,7 +36,7 @@ from typing import Any
 
 import torch
 
-from moetune.autotune.bench.roofline import Machine, experts_touched, layer_bytes
+from moetune.autotune.bench.roofline import Machine, experts_touched, layer_bytes, measure_bandwidth
 from moetune.autotune.measure import Timing, machine_name, measure
 from moetune.model.config import MoEConfig
 
@@ -234,6 +236,7 @@ def bench_layer(
             touched = sum(experts_touched(ref.route(x)[1]) for x in inputs) / len(inputs)
         flops, nbytes = cfg.flops_per_token() * t, layer_bytes(cfg, t, touched)
         timings: dict[str, Timing] = {}
+        probe = _bandwidth_probe(machine, device)
         for name, p in impls.items():
             reason = p.fits(t)
             if reason:
@@ -246,9 +249,10 @@ def bench_layer(
         hf = {k: v.p50_ms for k, v in timings.items() if k in HF_PROVIDERS}
         best_hf = min(hf, key=hf.get) if hf else ""
         base = timings.get("reference")
-        peak = machine.peak_for(cfg.dtype) if machine else math.nan
-        bw = machine.roof_gbs if machine else math.nan
-        roof = machine.roof_gflops(flops, nbytes, cfg.dtype) if machine else math.nan
+        cell = probe()  # the machine as it was around this cell's timings
+        peak = cell.peak_for(cfg.dtype) if cell else math.nan
+        bw = cell.roof_gbs if cell else math.nan
+        roof = cell.roof_gflops(flops, nbytes, cfg.dtype) if cell else math.nan
         for name, timing in timings.items():
             seconds = timing.p50_ms * 1e-3
             row = BenchRow(
@@ -282,6 +286,25 @@ def bench_layer(
             if on_row:
                 on_row(row)
     return result
+
+
+CELL_PROBE_BYTES = 256 << 20
+
+
+def _bandwidth_probe(machine: Machine | None, device: str) -> Callable[[], Machine | None]:
+    """Read bandwidth measured now; the returned function measures it again and gives the machine with the
+    higher of the two as its read roof. A shared 2-vCPU host's bandwidth moves (measured on the Zen4 machine:
+    47 GB/s, then 30 GB/s for minutes): a % of a roof taken once at the start of a long run means little."""
+    if machine is None or device != "cpu" or machine.stream_bytes < (1 << 20):  # no probe for a given machine
+        return lambda: machine
+    nbytes = min(CELL_PROBE_BYTES, machine.stream_bytes)
+    before = measure_bandwidth(nbytes, calls=3)[0]
+
+    def after() -> Machine:
+        read = max(before, measure_bandwidth(nbytes, calls=3)[0])
+        return dataclasses.replace(machine, read_gbs=round(read, 2))
+
+    return after
 
 
 def _sig(value: float, digits: int = 4) -> float:

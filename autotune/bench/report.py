@@ -79,8 +79,11 @@ def verdict(rows: list[BenchRow], db_location: str, provider: str = "tuned") -> 
     return lines
 
 
+_SHORT_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
 def _cell(r: BenchRow) -> str:
-    return f"{r.preset} {'bf16' if r.dtype == 'bfloat16' else r.dtype[:4]} T={r.tokens}"
+    return f"{r.preset} {_SHORT_DTYPES.get(r.dtype, r.dtype)} T={r.tokens}"
 
 
 def plot(rows: list[BenchRow], machine: Machine | None, folder: Path) -> list[Path]:
@@ -104,31 +107,42 @@ def plot(rows: list[BenchRow], machine: Machine | None, folder: Path) -> list[Pa
         ax.set_title(
             f"moetune tuned vs best of {', '.join(HF_PROVIDERS)} (geomean {summary['geomean']:.2f}x)", fontsize=9
         )
-        fig.tight_layout()
         written.append(folder / "speedup.png")
-        fig.savefig(written[-1], dpi=110)
+        fig.savefig(written[-1], dpi=110, bbox_inches="tight")  # long cell labels and the y label kept whole
         plt.close(fig)
     if machine and rows:
         fig, ax = plt.subplots(figsize=(7, 5))
         intensity = [r.flops / r.bytes for r in rows]
         lo, hi = min(intensity) / 2, max(intensity) * 2
         xs = [lo * (hi / lo) ** (k / 100) for k in range(101)]
-        for dtype in dict.fromkeys(r.dtype for r in rows):
-            peak = machine.peak_for(dtype)
-            ax.plot(xs, [min(peak, machine.roof_gbs * x) for x in xs], linestyle="--", label=f"roof {dtype}")
+        dtypes = list(dict.fromkeys(r.dtype for r in rows))
+        colors = dict(zip(dtypes, ("tab:blue", "tab:orange", "tab:green"), strict=False))
+        bandwidth = sorted(r.read_gbs for r in rows)[len(rows) // 2]  # cells re-measure it: their median
+        roofs: dict[float, list[str]] = {}  # one line per distinct peak (bf16 falls back to fp32's)
+        for dtype in dtypes:
+            roofs.setdefault(machine.peak_for(dtype), []).append(_SHORT_DTYPES.get(dtype, dtype))
+        for peak, names in roofs.items():
+            label = f"roof {' = '.join(names)}: {peak:.0f} GFLOP/s, {bandwidth:.1f} GB/s"
+            ax.plot(xs, [min(peak, bandwidth * x) for x in xs], linestyle="--", color="grey", label=label)
         markers = dict(zip(dict.fromkeys(r.provider for r in rows), "osD^v<>px", strict=False))
-        for provider, marker in markers.items():
-            mine = [r for r in rows if r.provider == provider]
-            ax.scatter([r.flops / r.bytes for r in mine], [r.gflops for r in mine], marker=marker, label=provider, s=22)
+        for (provider, marker), dtype in ((pm, d) for pm in markers.items() for d in dtypes):
+            mine = [r for r in rows if r.provider == provider and r.dtype == dtype]
+            if mine:
+                xy = ([r.flops / r.bytes for r in mine], [r.gflops for r in mine])
+                ax.scatter(
+                    *xy, marker=marker, color=colors[dtype], s=22, label=f"{provider} {_SHORT_DTYPES.get(dtype, dtype)}"
+                )
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("arithmetic intensity (useful FLOP / byte moved)")
+        ax.set_xlabel("arithmetic intensity (useful FLOP / byte a forward must move)")
         ax.set_ylabel("achieved GFLOP/s (p50)")
-        peaks = ", ".join(f"{d} {v:.0f}" for d, v in machine.peak_gflops.items())
-        ax.set_title(f"peak matmul GFLOP/s: {peaks}; {machine.roof_stream} {machine.roof_gbs:.1f} GB/s", fontsize=9)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
+        ax.set_title(
+            f"{rows[0].machine}: points above a roof reuse weights from cache (the roof counts each byte once "
+            "from DRAM)",
+            fontsize=8,
+        )
+        ax.legend(fontsize=6, ncol=2)
         written.append(folder / "roofline.png")
-        fig.savefig(written[-1], dpi=110)
+        fig.savefig(written[-1], dpi=110, bbox_inches="tight")
         plt.close(fig)
     return written

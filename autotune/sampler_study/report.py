@@ -66,7 +66,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
             n = len(runs[0])
             med = [statistics.median(r[i] / best[problem] for r in runs) for i in range(n)]
             ax.plot(range(1, n + 1), [v if math.isfinite(v) else math.nan for v in med], label=sampler)
-        ax.axhline(1 + WITHIN, color="grey", linestyle="--", linewidth=0.8)
+        ax.axhline(1 + WITHIN, color="grey", linestyle="--", linewidth=0.8, label=f"within {WITHIN:.0%} of the best")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_ylim(0.97, 4.0)

@@ -120,10 +120,13 @@ def plot(rows: list[BenchRow], machine: Machine | None, folder: Path) -> list[Pa
         bandwidth = sorted(r.read_gbs for r in rows)[len(rows) // 2]  # cells re-measure it: their median
         roofs: dict[float, list[str]] = {}  # one line per distinct peak (bf16 falls back to fp32's)
         for dtype in dtypes:
-            roofs.setdefault(machine.peak_for(dtype), []).append(_SHORT_DTYPES.get(dtype, dtype))
+            roofs.setdefault(machine.peak_for(dtype), []).append(dtype)
         for peak, names in roofs.items():
-            label = f"roof {' = '.join(names)}: {peak:.0f} GFLOP/s, {bandwidth:.1f} GB/s"
-            ax.plot(xs, [min(peak, bandwidth * x) for x in xs], linestyle="--", color="grey", label=label)
+            label = (
+                f"roof {' = '.join(_SHORT_DTYPES.get(n, n) for n in names)}: {peak:.0f} GFLOP/s, {bandwidth:.1f} GB/s"
+            )
+            ys = [min(peak, bandwidth * x) for x in xs]
+            ax.plot(xs, ys, linestyle="--", color=colors[names[0]], linewidth=1, label=label)
         markers = dict(zip(dict.fromkeys(r.provider for r in rows), "osD^v<>px", strict=False))
         for (provider, marker), dtype in ((pm, d) for pm in markers.items() for d in dtypes):
             mine = [r for r in rows if r.provider == provider and r.dtype == dtype]

@@ -212,7 +212,8 @@ def tune_command(
     view = LiveView()
     plain = not console.is_terminal and not (as_json or events)  # a log or CI: lines as studies end, no redraws
     try:
-        with Live(view.render(), console=console, refresh_per_second=4, transient=as_json or events or plain) as live:
+        # transient: the live table goes when the run ends; a run that fails leaves only its one-line error
+        with Live(view.render(), console=console, refresh_per_second=4, transient=True) as live:
 
             def on_event(event: dict[str, Any]) -> None:
                 if events:
@@ -249,8 +250,7 @@ def tune_command(
     if as_json:
         print_json(report.to_dict())
         return
-    if plain:
-        console.print(view.render())
+    console.print(view.render())
     console.print()
     cut = [o for o in report.outcomes if o.cut_short]
     if cut:

@@ -159,3 +159,15 @@ def test_second_process_loads_the_cached_kernel(tmp_path):
     second = subprocess.run([sys.executable, "-c", _BUILD, "forbid"], env=env, capture_output=True, text=True)
     assert second.returncode == 0, second.stderr + second.stdout
     assert second.stdout.strip() == "1"
+
+
+def test_tvm_thread_pool_defaults_leave_the_user_settings_alone():
+    """Importing the TVM backend sets TVM's pool size and a short spin (so torch ops after a TVM kernel do not
+    stall behind spinning workers) unless the user set them."""
+    code = "import os, moetune.kernels.tvm_cpu.build; print(os.environ['TVM_THREAD_POOL_SPIN_COUNT'])"
+    env = {k: v for k, v in os.environ.items() if k != "TVM_THREAD_POOL_SPIN_COUNT"}
+    ours = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    theirs = subprocess.run(
+        [sys.executable, "-c", code], env={**env, "TVM_THREAD_POOL_SPIN_COUNT": "77"}, capture_output=True, text=True
+    )
+    assert ours.stdout.strip() == "1000" and theirs.stdout.strip() == "77", ours.stderr + theirs.stderr

@@ -19,9 +19,15 @@ from moetune.ir.program import Problem
 from moetune.ir.target import Target
 from moetune.kernels.cache import BuildCache, source_hash
 
-# TVM starts its thread pool on the first parallel call and reads this then; default to the usable cores.
+# TVM starts its thread pool on the first parallel call and reads these then. Threads: the usable cores.
 if hasattr(os, "sched_getaffinity"):
     os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+# Spin: after a parallel region TVM's workers busy-wait (300000 rounds by default) before they sleep. A torch op
+# that runs next needs its own OpenMP thread on that core, and waited for the scheduler's tick: on the Zen4 host,
+# 3 of 48 torch align calls right after a TVM kernel took 8.0 ms instead of 0.13 ms (the "238x" baselines of the
+# tuner's report); with 1000 rounds 0 of 48, and the TVM kernels as fast (route 0.066 vs 0.065 ms; whole layer
+# within the host's drift). results/amd-epyc-znver4-2c-x86_64/RESULTS.md.
+os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "1000")
 
 import tvm
 

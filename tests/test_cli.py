@@ -208,3 +208,15 @@ def test_an_unusable_storage_path_is_a_one_line_error(tmp_path):
         result = runner.invoke(app, argv)
         assert result.exit_code == 2 and needle in result.output, result.output
         assert not db.exists()
+
+
+def test_tune_in_a_log_prints_plain_progress_lines_and_no_nan(tmp_path):
+    """Output that is not a terminal (a log, CI) gets a line as each study starts and ends, then the table."""
+    argv = ["tune", "--model", "olmoe-1b-7b", "--shrink", "32", "--m", "1", "--trials", "2", "--ops", "experts.gemm1"]
+    argv += ["--db", str(tmp_path / "k.db"), "--storage", str(tmp_path / "s.journal")]
+    result = runner.invoke(app, argv)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == "tuning M=1 experts.gemm1 ..."
+    assert lines[1].startswith("M=1 experts.gemm1: tuned, ") and " trials, " in lines[1]
+    assert "nan" not in result.output and "moetune tune" in result.output  # the final table, with its title

@@ -107,6 +107,7 @@ def test_bench_bad_input_exits_2():
         (["bench", "--tokens", "1,x"], "--tokens must be comma-separated integers"),
         (["bench", "--tokens", "0"], "--tokens must be integers >= 1"),
         (["bench", "-p", "qwen9"], "unknown preset 'qwen9'"),
+        (["bench", "--model", "qwen9"], "unknown preset 'qwen9'"),  # tune's name for the same flag
         (["bench", "--providers", "reference,gpu"], "unknown provider(s) gpu"),
         (["bench", "--dtype", "int8"], "dtype must be one of"),
     ]:
@@ -127,6 +128,7 @@ def test_tune_bad_input_exits_2(tmp_path):
     for args, message in [
         (["tune"], "give exactly one of --model PRESET or --hf-config PATH"),
         (["tune", "--model", "qwen9"], "unknown preset 'qwen9'"),
+        (["tune", "--preset", "qwen9"], "unknown preset 'qwen9'"),  # bench's name for the same flag
         (["tune", "--hf-config", str(tmp_path / "missing.json")], "no HF config at"),
         ([*small, "--sampler", "bayes"], "unknown sampler 'bayes'"),
         ([*small, "--time-budget", "ten minutes"], "--time-budget must look like"),

@@ -19,6 +19,7 @@ def bench_command(
         list[str] | None,
         typer.Option(
             "--preset",
+            "--model",
             "-p",
             help="Model preset (repeatable); see `moetune presets`. Default: the comparison matrix of "
             "qwen3-30b-a3b, mixtral-8x7b, olmoe-1b-7b and gpt-oss-20b.",

@@ -126,7 +126,10 @@ def _blank(value: float, fmt: str) -> str:
 
 
 def tune_command(
-    model: Annotated[str | None, typer.Option("--model", "-p", help="Model preset (see `moetune presets`).")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", "--preset", "-p", help="Model preset (see `moetune presets`); same flag as bench's."),
+    ] = None,
     hf_config: Annotated[str | None, typer.Option(help="A Hugging Face config.json (or its directory).")] = None,
     target: Annotated[
         str, typer.Option(help="'cpu' (the host), 'llvm -mcpu=<cpu>', 'cuda', or a GPU arch: sm_80|sm_86|sm_89|sm_90.")

@@ -26,14 +26,14 @@ def print_json(data: Any) -> None:
     typer.echo(json.dumps(data, indent=2, default=str))
 
 
-def parse_ints(text: str, what: str) -> list[int]:
+def parse_ints(text: str, what: str, minimum: int = 1, noun: str = "integers") -> list[int]:
     """'1,16,256' -> [1, 16, 256]; anything else is a one-line failure naming the option."""
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        fail(f"{what} must be comma-separated integers, got {text!r}")
-    if not values or min(values) < 1:
-        fail(f"{what} must be integers >= 1, got {text!r}")
+        fail(f"{what} must be comma-separated {noun}, got {text!r}")
+    if not values or min(values) < minimum:
+        fail(f"{what} must be {noun} >= {minimum}, got {text!r}")
     return values
 
 

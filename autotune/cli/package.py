@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 from rich.text import Text
 
-from moetune.autotune.cli.common import JsonFlag, console, err_console, fail, print_json
+from moetune.autotune.cli.common import JsonFlag, console, err_console, fail, parse_ints, print_json
 
 TargetOpt = Annotated[
     list[str] | None,
@@ -97,7 +97,7 @@ def run_command(
 
     if (text is None) == (ids is None):
         fail("give the input as INPUT text or as --ids, not both and not neither")
-    prompt_ids = _token_ids(ids) if ids is not None else None
+    prompt_ids = parse_ints(ids, "--ids", minimum=0, noun="token ids") if ids is not None else None
     try:
         kind = read_manifest(package_dir)["kind"]  # verified first: a tampered package is reported as such
         if kind == "moe":
@@ -158,14 +158,3 @@ def run_command(
             console.print(f"[{head}, ...]")
     else:
         fail(f"{package_dir} holds a {kind} model with no text interface; use moetune.model.load() in Python")
-
-
-def _token_ids(text: str) -> list[int]:
-    """'1,2,3' -> [1, 2, 3]: token ids, each >= 0; anything else is a one-line failure."""
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        fail(f"--ids must be comma-separated token ids, got {text!r}")
-    if not values or min(values) < 0:
-        fail(f"--ids must be token ids >= 0, got {text!r}")
-    return values

@@ -230,9 +230,11 @@ def test_stale_records_are_reported_not_used(tmp_path):
     for record in db.records():  # pretend they were tuned with another TVM
         db.delete(record)
         db.put(replace(record, versions={**record.versions, "tvm": "0.1.0"}))
-    with pytest.warns(UserWarning, match="stale kernel record"):
+    with pytest.warns(UserWarning, match="stale kernel record") as caught:
         sources = {d["source"] for d in TunedMoE.from_module(MoE(SMALL), db=db).describe(8)}
     assert sources == {"default"}
+    (stale,) = [w for w in caught if "stale" in str(w.message)]  # one warning for the plan, naming its ops
+    assert "experts.gemm1 (1)" in str(stale.message) and "M=8" in str(stale.message)
     report = tune(SMALL, m=[8], trials=2, db=db, storage=str(tmp_path / "s.journal"), repeat=3)
     assert all(o.status == "tuned" and o.stale == 1 for o in report.outcomes)  # re-tuned, not reused
 

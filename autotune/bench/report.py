@@ -62,9 +62,11 @@ def verdict(rows: list[BenchRow], db_location: str, provider: str = "tuned") -> 
     mine = [r for r in rows if r.provider == provider]
     for r in mine:
         hf = "" if math.isnan(r.speedup_vs_best_hf) else f", {r.speedup_vs_best_hf:.2f}x the best HF ({r.best_hf})"
+        above = " (above it: weights reused from cache, or the bandwidth moved during the cell)"
         lines.append(
             f"{r.preset} {r.dtype} T={r.tokens}: {provider} {r.p50_ms:.2f} ms = "
             f"{r.speedup_vs_reference:.2f}x the reference{hf}, {r.pct_roofline:.0f}% of this machine's roof"
+            + (above if r.pct_roofline > 100 else "")
         )
     if mine and all(math.isnan(r.speedup_vs_best_hf) for r in mine):
         lines.append("no Hugging Face provider was timed: add --providers reference,hf-eager,hf-grouped_mm,tuned")

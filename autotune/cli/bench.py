@@ -7,11 +7,13 @@ bandwidth measured in the same run; the summary adds tuned over hf-grouped_mm (t
 
 from __future__ import annotations
 
+import warnings
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
-from moetune.autotune.cli.common import JsonFlag, console, fail, json_safe, parse_ints, print_json
+from moetune.autotune.cli.common import JsonFlag, console, err_console, fail, json_safe, parse_ints, print_json
 
 
 def bench_command(
@@ -140,7 +142,7 @@ def bench_command(
             highlight=False,
         )
     rows, skipped = [], []
-    with console.status("benchmarking") as status:
+    with warnings.catch_warnings(record=True) as seen, console.status("benchmarking") as status:
         for cfg in configs:
             status.update(f"{cfg.name} {cfg.dtype}: building weights, kernels and HF blocks")
             result = bench_layer(
@@ -157,6 +159,9 @@ def bench_command(
             )
             rows += result.rows
             skipped += result.skipped
+    if not as_json:  # one line each (the runtime's warnings, e.g. stale DB records), not Python's file:line form
+        for message in dict.fromkeys(str(w.message) for w in seen):
+            err_console.print(f"[yellow]warning:[/yellow] {escape(message)}", highlight=False, soft_wrap=True)
     full = bench_report.report(rows, skipped, machine)
     full["tuned_vs_grouped_mm"] = speedup_over(rows, "tuned", "hf-grouped_mm")
     path = Path(out) if out else Path("results") / where / CSV_NAME

@@ -100,6 +100,7 @@ class LayerRunner:
         self.configs = {k: as_kernel_config(v) for k, v in (configs or {}).items()}
         self.db = runtime_db(db)
         self._plans: dict[int, Plan] = {}
+        self._stale: dict[str, int] = {}  # op name -> stale records seen while choosing (one warning per plan)
 
     # ---- choosing ---------------------------------------------------------------------------------------------
     def plan(self, m_tokens: int) -> Plan:
@@ -107,8 +108,16 @@ class LayerRunner:
         bucket = m_bucket(m_tokens)
         if bucket not in self._plans:
             program = lower(self.cfg, bucket, target_kind=self.target.kind)
+            self._stale = {}
             chosen = {op.name: self._choose(op.name, op.problem, bucket) for op in program}
             self._plans[bucket] = Plan(program, chosen)
+            if self._stale:  # one warning per plan, not one per op
+                ops = ", ".join(f"{name} ({count})" for name, count in self._stale.items())
+                warnings.warn(
+                    f"moetune: stale kernel records (tuned with other versions) are not used at M={bucket}: {ops}; "
+                    "re-run `moetune tune`, or `moetune db prune` to delete them",
+                    stacklevel=2,
+                )
         return self._plans[bucket]
 
     def describe(self, m_tokens: int) -> list[dict[str, Any]]:
@@ -148,11 +157,7 @@ class LayerRunner:
             if found.record is not None:
                 break
         if found.stale:
-            warnings.warn(
-                f"moetune: {len(found.stale)} stale kernel record(s) for {name} ({problem.signature}, M={bucket}) "
-                "were tuned with other versions and are not used; re-run `moetune tune`",
-                stacklevel=5,
-            )
+            self._stale[name] = len(found.stale)
         record = found.record
         if record is None or record.backend not in self.backends:
             return None, "default"

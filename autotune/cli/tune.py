@@ -261,12 +261,19 @@ def tune_command(
             f"the time budget ({time_budget}) ended {len(cut)} of {len(report.outcomes)} studies before --trials "
             f"{trials}; their winners are the best found so far (re-run with a larger budget to continue them)"
         )
-    stale = sum(o.stale for o in report.outcomes)
-    if stale:
-        console.print(f"{stale} stale kernel record(s) (tuned with other versions) were reported and re-tuned")
+    retuned = sum(o.stale for o in report.outcomes if o.status == "tuned")
+    kept = sum(o.stale for o in report.outcomes if o.status != "tuned")
+    if retuned:
+        console.print(f"{retuned} stale kernel record(s) (tuned with other versions) were reported and re-tuned")
+    if kept:
+        console.print(
+            f"{kept} stale kernel record(s) sit beside current winners, unused (`moetune db prune` deletes them)"
+        )
+    cached = all(o.status == "cached" for o in report.outcomes)
     console.print(
-        f"{report.model} on {report.target}: {report.trials} trials in {report.seconds:.0f} s; "
-        f"geometric-mean speedup of the winners over the torch backend: {report.speedup_vs_torch():.2f}x"
+        f"{report.model} on {report.target}: {report.trials} trials in {report.seconds:.0f} s"
+        + (" (every op answered from the kernel DB; --force re-tunes, a larger --trials continues)" if cached else "")
+        + f"; geometric-mean speedup of the winners over the torch backend: {report.speedup_vs_torch():.2f}x"
     )
 
 

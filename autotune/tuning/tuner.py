@@ -14,8 +14,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import torch
-
+from moetune.autotune.bench.roofline import layer_bytes
 from moetune.autotune.tuning.samplers import SAMPLERS
 from moetune.autotune.tuning.search import OpOutcome, StudyContext, tune_op
 from moetune.autotune.tuning.storage import open_storage
@@ -73,10 +72,9 @@ def _check_memory(cfg: MoEConfig, tokens: int, target_kind: str) -> None:
     `--m 1000000000` or terabyte-sized `--hf-config` once died in an allocation with a traceback)."""
     if target_kind != "cpu":
         return
-    size = torch.finfo(cfg.torch_dtype).bits // 8
-    h, i, e, k = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts, cfg.top_k
-    weights = (e * (cfg.up_factor * i * h + h * i) + e * h + 3 * cfg.shared_size * h) * size
-    activations = tokens * (2 * h + k * (cfg.up_factor * i + h)) * 4
+    weights = layer_bytes(cfg, 0, cfg.num_experts)  # every expert, router and shared expert (the bench's count)
+    h, k = cfg.hidden_size, cfg.top_k
+    activations = tokens * (2 * h + k * (cfg.up_factor * cfg.intermediate_size + h)) * 4
     need, free = 2 * weights + activations, _available_bytes()
     if free is not None and need > free:
         raise ValueError(

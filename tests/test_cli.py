@@ -114,6 +114,7 @@ def test_bench_bad_input_exits_2():
         result = runner.invoke(app, args)
         assert result.exit_code == 2, (args, result.output)
         assert message in result.output, (args, result.output)
+        assert len(result.output.strip().splitlines()) == 1, (args, result.output)  # no table header before it
 
 
 def test_tune_bad_input_exits_2(tmp_path):
@@ -143,6 +144,7 @@ def test_tune_bad_input_exits_2(tmp_path):
         result = runner.invoke(app, argv)
         assert result.exit_code == 2, (argv, result.output)
         assert message in result.output, (argv, result.output)
+        assert len(result.output.strip().splitlines()) == 1, (argv, result.output)  # no table header before it
     assert corrupt.read_bytes() == b"not a database at all" * 10  # refused, untouched
     assert not (tmp_path / "k.db").exists()  # every refusal came before the DB was created
 

@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.moetune-installed
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup sysdeps demo test lint clean gpu-check FORCE
+.PHONY: setup sysdeps demo test lint clean gpu-check gpu-wheels gpu-smoke FORCE
 
 setup: $(STAMP)
 
@@ -69,6 +69,21 @@ gpu-check: $(STAMP)
 	$(VENV)/bin/moetune bench --target cuda $(addprefix -p ,$(GPU_PRESETS)) --tokens $(GPU_M) \
 	  --providers reference,hf-eager,hf-grouped_mm,torch,triton,tvm_cuda,tuned --save \
 	  --report results/$$gpu/bench_report.json --plot results/$$gpu/bench_plots
+
+# The GPU machine lent to a session (one H200: torch, Triton, CuPy, no TVM/Optuna/SQLAlchemy, no network): build
+# the wheels it lacks here, carry .whl/ there, run `make gpu-smoke` in one call. DRY=1 runs the same steps here on
+# Triton's interpreter. See .ci/gpu-smoke.
+GPU_WHEELS = optuna sqlalchemy alembic mako colorlog cmaes
+gpu-wheels: $(STAMP)
+	rm -rf .whl && mkdir -p .whl
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+	  $$($(PY) -c "import importlib.metadata as m; print(' '.join(f'{n}=={m.version(n)}' for n in '$(GPU_WHEELS)'.split()))")
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w .whl .
+	ls .whl
+
+gpu-smoke:
+	DRY=$(DRY) PY=$(if $(filter 1,$(DRY)),$(PY),python3) bash .ci/gpu-smoke
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

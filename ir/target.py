@@ -23,6 +23,9 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
+GPU_INTERPRET = "MOETUNE_GPU_INTERPRET"  # see Target.torch_device
+INTERPRETER_DEVICE = "triton-interpreter"
+
 # ISA features worth showing: the vector extensions the CPU schedules' vector widths depend on.
 _FEATURE_PREFIXES = ("sse4", "avx", "fma", "f16c", "amx", "neon", "sve", "dotprod", "i8mm", "bf16")
 
@@ -143,6 +146,15 @@ class Target:
         return (self.name, f"cuda -arch={self.arch}")
 
     @property
+    def torch_device(self) -> str:
+        """The torch device this target's kernels run on and its inputs live on: "cuda" for a CUDA target, else
+        "cpu". A CUDA target resolved with MOETUNE_GPU_INTERPRET=1 (and TRITON_INTERPRET=1) names the device
+        `triton-interpreter` and runs on CPU tensors under Triton's interpreter: the GPU code path (planning, the
+        tuning loop, bench setup) on a machine without a GPU, for tests and `make gpu-smoke DRY=1`. Its timings are
+        the interpreter's and mean nothing; its DB records sit under that device name, which no GPU looks up."""
+        return "cuda" if self.kind == "cuda" and self.device != INTERPRETER_DEVICE else "cpu"
+
+    @property
     def capability(self) -> int | None:
         """The compute capability as Triton's GPUTarget wants it (sm_90 -> 90), None for a CPU."""
         return int(self.arch[3:]) if self.kind == "cuda" else None
@@ -155,6 +167,8 @@ class Target:
 def _cuda_target(arch: str, device: str | None = None) -> Target:
     if arch not in GPU_LIMITS:
         raise ValueError(f"unknown CUDA architecture {arch!r}; known: {', '.join(GPU_LIMITS)}")
+    if os.environ.get(GPU_INTERPRET) == "1":  # read when the target is resolved (resolve_target caches)
+        device = INTERPRETER_DEVICE
     name = f"cuda -arch={arch}" + (f" -device={device_slug(device)}" if device else "")
     return Target("cuda", name, {"kind": "cuda", "arch": arch})
 

@@ -8,6 +8,7 @@ signature documented in kernels/ops.py and takes its tile config as a frozen `Ke
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +21,9 @@ PREFERENCE = {"cpu": ("tvm", "torch", "triton", "tvm_cuda"), "cuda": ("triton", 
 # The target kinds each backend can run on, known before its module is imported: choosing backends for a GPU
 # never imports the CPU TVM backend (a deployed GPU model needs no TVM; the tvm backend cannot even import without).
 BACKEND_TARGETS = {"tvm": ("cpu",), "torch": ("cpu", "cuda"), "triton": ("cuda",), "tvm_cuda": ("cuda",)}
+# The Python packages a backend needs to build and launch its kernels (the GPU image has Triton and CuPy, no TVM:
+# there the tuner leaves tvm_cuda out instead of failing each of its trials).
+BACKEND_PACKAGES = {"tvm": ("tvm",), "torch": (), "triton": ("triton",), "tvm_cuda": ("tvm", "cupy")}
 # Modules that register implementations when imported (kept lazy: importing TVM takes seconds).
 _BACKEND_MODULES = {
     "torch": "moetune.kernels.torch.launchers",
@@ -91,6 +95,18 @@ def register_impl(op: str, backend: str, targets: tuple[str, ...] = ("cpu",)):
         return fn
 
     return wrap
+
+
+def missing_packages(backend: str) -> list[str]:
+    """The packages of BACKEND_PACKAGES[backend] this Python cannot import (found without importing them)."""
+
+    def found(name: str) -> bool:
+        try:
+            return importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            return False
+
+    return [name for name in BACKEND_PACKAGES.get(backend, ()) if not found(name)]
 
 
 def _load(backend: str) -> None:

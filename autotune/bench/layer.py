@@ -213,7 +213,7 @@ def bench_layer(
     target: "cpu" or a GPU ("cuda"): the layer and its inputs live on that device."""
     from moetune.ir.target import resolve_target
 
-    device = "cuda" if resolve_target(target).kind == "cuda" else "cpu"
+    device = resolve_target(target).torch_device
     result, preset = LayerResult(), cfg.name or "custom"
     ref = reference_layer(cfg, device)
     impls: dict[str, Provider] = {}

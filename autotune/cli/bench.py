@@ -108,7 +108,7 @@ def bench_command(
     from moetune.model import MoEConfig
 
     try:
-        device = "cuda" if resolve_target(target).kind == "cuda" else "cpu"
+        device = resolve_target(target).torch_device
     except ValueError as exc:
         fail(str(exc))
     if device == "cuda" and not cuda_gpus():

@@ -189,6 +189,7 @@ def tune_command(
     if sampler not in SAMPLERS:
         fail(f"unknown sampler {sampler!r}; available: {', '.join(SAMPLERS)}")
     budget = parse_duration(time_budget)
+    _note_skipped_backends(target)
     if workers > 1:
         from moetune.autotune.cli.tune_parallel import child_args, run_workers
 
@@ -277,6 +278,20 @@ def tune_command(
     )
 
 
+def _note_skipped_backends(target: str) -> None:
+    """One stderr line per backend this tune leaves out because its packages are missing (e.g. tvm_cuda on a GPU
+    host without TVM): said before the run, not discovered as a failure in every trial."""
+    from moetune.autotune.tuning.search import skipped_backends
+    from moetune.ir.target import resolve_target
+
+    try:
+        tgt = resolve_target(target)
+    except ValueError as exc:
+        fail(str(exc))
+    for backend, missing in skipped_backends(tgt).items():
+        typer.echo(f"note: backend {backend} is not tuned here: {', '.join(missing)} not installed", err=True)
+
+
 def _gpu_target(target: str, prepare: bool):
     """The CUDA Target of --target, or None for a CPU; --prepare needs one, tuning on CUDA needs the GPU."""
     from moetune.ir.target import GPU_LIMITS, cuda_gpus, resolve_target
@@ -290,7 +305,7 @@ def _gpu_target(target: str, prepare: bool):
         tgt = resolve_target(target)
     except ValueError as exc:
         fail(str(exc))
-    if not prepare and not cuda_gpus():
+    if not prepare and tgt.torch_device == "cuda" and not cuda_gpus():
         fail(f"tuning for {tgt.arch} needs that GPU here; on this machine use --prepare to compile for it ahead")
     return tgt
 

@@ -185,7 +185,7 @@ def evaluate(task: Task) -> Result:
     impl = get_impl(problem.op, task.backend)
     config = KernelConfig.of(task.backend, task.params)
     # inputs are made (and checked) on the host by the torch backend; a CUDA candidate gets device copies
-    device = torch.device("cuda") if target.kind == "cuda" else torch.device("cpu")
+    device = torch.device(target.torch_device)
 
     def run(args):
         return _to(impl.fn(problem, config, target, *_to(args, device)), torch.device("cpu"))

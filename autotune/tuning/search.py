@@ -5,11 +5,11 @@ measure it again), the backend's default point is enqueued as the first trial, t
 nearest already-tuned shapes from the kernel DB (warm start), then the sampler explores the op's declared
 space (schedules/), narrowed to the choices that occur in some feasible point. Infeasible proposals are pruned
 before anything is built and a repeat of a measured point is answered from the study: the budget counts
-measurements only (`explore`). A trial whose candidate fails to
-build, crashes, hangs or computes a wrong result is a FAIL with its reason in the trial's user attrs. The
-winner (the fastest of the completed trials and the torch baseline, so never slower than either; on a CPU the
-baseline only as a fallback, see TORCH_FALLBACK_ONLY) goes into the kernel DB. Trials live in the Optuna
-storage as they finish, so a killed run resumes where it stopped.
+measurements only (`explore`). A trial whose candidate fails to build, crashes, hangs or computes a wrong
+result is a FAIL with its reason in the trial's user attrs. The winner (the fastest of the completed trials and
+the torch baseline, so never slower than either; on a CPU the baseline only as a fallback, see
+TORCH_FALLBACK_ONLY) goes into the kernel DB. Trials live in the Optuna storage as they finish, so a killed run
+resumes where it stopped.
 
 Samplers and the encoding of points as trial parameters: autotune/tuning/samplers.py. A candidate clearly slower than
 the study's best so far is timed with a few calls only (EARLY_STOP).
@@ -35,7 +35,7 @@ from moetune.autotune.tuning.worker import Task, Worker
 from moetune.ir.program import Problem
 from moetune.ir.target import Target
 from moetune.kernels.db import KernelDB, KernelKey, KernelRecord, current_versions, kernel_key
-from moetune.kernels.registry import backend_info, backends_for
+from moetune.kernels.registry import backend_info, backends_for, missing_packages
 from moetune.schedules.space import Point, SearchSpace
 
 # A candidate whose first timed calls have a median over EARLY_STOP x the study's best so far stops there (3 calls
@@ -50,9 +50,8 @@ STALL = 3  # unmeasured proposals in a row after which the next trial is a rando
 # sees. Measured on the 2-core Zen3 (olmoe-1b-7b/4 fp32, whole layer, all other ops on TVM): the torch route
 # (0.085 ms alone, 10% faster than TVM's) made the layer 10.6 -> 37.3 ms at T=16 and 35.9 -> 56.1 ms at T=256.
 TORCH_FALLBACK_ONLY = ("cpu",)
-# The backends whose spaces are searched, per target kind (torch is always measured: the baseline).
-TUNED_BACKENDS = {"cpu": ("tvm",), "cuda": ("triton", "tvm_cuda")}
-optuna.logging.set_verbosity(optuna.logging.WARNING)
+TUNED_BACKENDS = {"cpu": ("tvm",), "cuda": ("triton", "tvm_cuda")}  # spaces searched (torch: always, the baseline)
+optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial's reason is in the summary, not a traceback
 
 
 class TrialFailed(Exception):
@@ -105,8 +104,14 @@ class StudyContext:
 
 
 def tuned_backends(op: str, target: Target) -> list[str]:
-    """The backends tuned for an op kind on a target (those of TUNED_BACKENDS that implement it there)."""
-    return backends_for(op, target.kind, TUNED_BACKENDS.get(target.kind, ()))
+    """TUNED_BACKENDS that implement the op on the target and are installed (skipped_backends: the others)."""
+    installed = tuple(b for b in TUNED_BACKENDS.get(target.kind, ()) if not missing_packages(b))
+    return backends_for(op, target.kind, installed)
+
+
+def skipped_backends(target: Target) -> dict[str, list[str]]:
+    """The backends a tune on this target leaves out for want of packages: {backend: missing packages}."""
+    return {b: missing_packages(b) for b in TUNED_BACKENDS.get(target.kind, ()) if missing_packages(b)}
 
 
 def _study_name(target: Target, problem: Problem, m_bucket: int, versions: dict[str, str], backend: str = "tvm") -> str:

@@ -86,8 +86,7 @@ def route(
 def align(problem: Problem, config: KernelConfig, target: Target, weights: torch.Tensor, ids: torch.Tensor) -> Aligned:
     e, k, bm = problem["E"], problem["K"], problem["BM"]
     _check("ids", ids, (ids.shape[0], k))
-    on_gpu = target.kind == "cuda" and torch.cuda.is_available()
-    device = torch.device("cuda") if on_gpu else ids.device
+    device = ids.device  # the router's output lives where the layer runs (a GPU, or the CPU interpreter)
     ids = _on(ids, device).to(torch.int32).contiguous()
     weights = _on(weights, device).float().contiguous()
     t = ids.shape[0]

@@ -102,7 +102,8 @@ class BuildCache:
 
 
 def _identity(t: torch.Tensor) -> tuple:
-    return (t.data_ptr(), t._version, tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
+    storage = getattr(t, "packed", t)  # a PackedWeight (kernels/packed.py) has no storage of its own
+    return (storage.data_ptr(), storage._version, tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
 
 
 class TensorMemo:

@@ -28,6 +28,7 @@ from conftest import rel_err
 from moetune.ir.program import Problem, lower
 from moetune.ir.target import resolve_target
 from moetune.kernels import reference as ref
+from moetune.kernels.packed import pack_panels
 from moetune.kernels.registry import backend_info, default_config, get_impl
 from moetune.model import MoE, MoEConfig, TunedMoE
 from moetune.schedules import tvm_cpu
@@ -508,7 +509,7 @@ def test_packed_weights_are_memoised_with_at_most_max_layouts_per_weight():
 
     p8 = tvm_cpu_launchers._packed(w, full, 8)
     assert tvm_cpu_launchers._packed(w, full, 8) is p8  # memoised
-    assert torch.equal(p8, tvm_cpu_launchers.pack_panels(w, 8))
+    assert torch.equal(p8, pack_panels(w, 8))
     p16 = tvm_cpu_launchers._packed(w, full, 16)
     assert tvm_cpu_launchers._packed(w, full, 8) is p8 and len(mine()) == 2  # 8 is now the most recent
     tvm_cpu_launchers._packed(w, full, 4)  # a third width drops the least recently used one (16)
@@ -516,5 +517,5 @@ def test_packed_weights_are_memoised_with_at_most_max_layouts_per_weight():
     assert tvm_cpu_launchers._packed(w, full, 8) is p8 and tvm_cpu_launchers._packed(w, full, 16) is not p16
     with torch.no_grad():
         w.mul_(2)  # in-place update: the version changes, the layout is packed again from the new values
-    assert torch.equal(tvm_cpu_launchers._packed(w, full, 8), tvm_cpu_launchers.pack_panels(w, 8))
+    assert torch.equal(tvm_cpu_launchers._packed(w, full, 8), pack_panels(w, 8))
     assert len(mine()) <= 2

@@ -5,6 +5,8 @@ Each launcher checks shapes, allocates its outputs and calls the compiled module
 (tensor, version, panel width): an in-place update of a parameter bumps its version and forces a repack. At
 most MAX_LAYOUTS panel widths are kept per weight (least recently used dropped): each is a full copy, and a
 tuner trying every width on a Mixtral-size layer would otherwise hold four (the worker was OOM-killed at 24 GB).
+A weight that is already a PackedWeight of the launch's layout (TunedMoE.pack_weights; kernels/packed.py) is
+read as it is: no copy at all.
 The GEMMs run on the used blocks of an align output (`Aligned.trimmed`, a free host read on the CPU), so one
 with empty trailing blocks (kernels/ops.py) works too; gemm1 zeroes those blocks' rows.
 Legend: T tokens, H hidden, I intermediate, E experts, K top-k, BM rows per block, NB blocks, P panel.
@@ -19,6 +21,7 @@ from moetune.ir.target import Target
 from moetune.kernels.cache import TensorMemo
 from moetune.kernels.ops import Aligned, max_blocks
 from moetune.kernels.ops import check_tensor as _check
+from moetune.kernels.packed import PackedWeight, pack
 from moetune.kernels.registry import KernelConfig, register_backend, register_impl
 from moetune.kernels.tvm_cpu.build import build
 from moetune.schedules import tvm_cpu
@@ -29,32 +32,6 @@ MAX_LAYOUTS = 2  # packed copies kept per weight (e.g. a decode and a prefill pa
 _PACKED = TensorMemo(per_group=MAX_LAYOUTS)  # per (weight, part, interleave): its panel widths, least recent first
 
 
-def pack_panels(w: torch.Tensor, panel: int) -> torch.Tensor:
-    """(G, N, Kd) -> (G, ceil(N/P), Kd, P): P consecutive output columns contiguous, zero-padded."""
-    g, n, kd = w.shape
-    n_pad = -(-n // panel) * panel
-    if n_pad != n:
-        w = torch.cat([w, w.new_zeros(g, n_pad - n, kd)], dim=1)
-    return w.reshape(g, n_pad // panel, panel, kd).transpose(2, 3).contiguous()
-
-
-def pack_gate_up(w: torch.Tensor, i: int, panel: int) -> torch.Tensor:
-    """(G, 2I, Kd) [gate | up] -> (G, ceil(I/P), Kd, 2P): P gate columns, then the P matching up columns.
-
-    Written straight into the result (one copy of the weights, no temporaries: Mixtral-8x7B's gate_up is
-    3.8 GB in fp32)."""
-    g, _, kd = w.shape
-    npanel = -(-i // panel)
-    out = (w.new_zeros if i % panel else w.new_empty)(g, npanel, kd, 2 * panel)
-    for half, rows in enumerate((w[:, :i], w[:, i : 2 * i])):
-        dest = out[..., half * panel : (half + 1) * panel]
-        if i % panel:  # ragged last panel (small shapes): the padding path
-            dest.copy_(pack_panels(rows, panel))
-        else:
-            dest.copy_(rows.reshape(g, npanel, panel, kd).transpose(2, 3))
-    return out
-
-
 def _packed(source: torch.Tensor, part: slice, panel: int, interleave: int | None = None) -> torch.Tensor:
     """pack_panels(source[:, part]) memoised on the owning tensor's identity and version (kernels/cache.py).
 
@@ -63,11 +40,14 @@ def _packed(source: torch.Tensor, part: slice, panel: int, interleave: int | Non
     weight.unsqueeze(0)): views share their base's version counter, so the memo is keyed on the base.
     """
 
-    def pack() -> torch.Tensor:
-        w = source.detach()
-        return pack_panels(w[:, part], panel) if interleave is None else pack_gate_up(w, interleave, panel)
+    if isinstance(source, PackedWeight) and source.layout() == (panel, interleave) and part == slice(None):
+        return source.packed  # packed in place (TunedMoE.pack_weights): the only copy there is
 
-    return _PACKED.get([source], pack, group=(part.start, part.stop, interleave), variant=panel)
+    def make() -> torch.Tensor:
+        w = source.detach()
+        return pack(w if interleave is not None else w[:, part], panel, interleave)
+
+    return _PACKED.get([source], make, group=(part.start, part.stop, interleave), variant=panel)
 
 
 @register_impl("route", "tvm")

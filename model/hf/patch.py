@@ -42,8 +42,12 @@ def patch(
     db: Any = None,
     configs: dict | None = None,
     backends: tuple[str, ...] = BACKENDS,
+    pack: bool = True,
 ) -> dict[str, nn.Module]:
-    """Swap every MoE block of `model` for a TunedMoE in place; returns {qualified name: TunedMoE}."""
+    """Swap every MoE block of `model` for a TunedMoE in place; returns {qualified name: TunedMoE}.
+
+    `pack`: store each layer's routed experts once, packed for the CPU kernels (TunedMoE.pack_weights), so
+    the patched model needs no more memory than the original; a no-op on a GPU target."""
     from moetune.model.runtime.plan import runtime_db
     from moetune.model.runtime.tuned import TunedMoE
 
@@ -68,6 +72,8 @@ def patch(
         parent = model.get_submodule(parent_name) if parent_name else model
         tuned = TunedMoE.from_module(block, target=target, configs=configs, backends=backends, db=handle)
         setattr(parent, attr, tuned)
+        if pack:
+            tuned.pack_weights()
         swapped[name] = tuned
     return swapped
 
@@ -93,6 +99,7 @@ def moetune_experts_forward(
         cfg = _experts_config(self, top_k_index.shape[-1])
         layout = (getattr(self, "is_concatenated", True), getattr(self, "is_transposed", False))
         runner = HFExpertsRunner(self, cfg, *layout, **_SETTINGS)
+        runner.pack_weights()  # the experts stored once, packed for the CPU kernels (a no-op on a GPU)
         self.__dict__["_moetune"] = runner  # not a child: the model's state_dict stays HF's
     return runner.run_experts(hidden_states, top_k_weights, top_k_index).to(hidden_states.dtype)
 

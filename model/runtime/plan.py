@@ -36,6 +36,7 @@ from moetune.kernels.registry import (
 )
 from moetune.model.config import MoEConfig
 
+PACKED_OPS = ("experts.gemm1", "experts.gemm2")  # the ops whose weights TunedMoE.pack_weights stores packed
 ConfigSpec = KernelConfig | dict[str, Any]
 Weights = dict[str, torch.Tensor | None]  # moetune state_dict name -> tensor in moetune's layout
 
@@ -101,6 +102,7 @@ class LayerRunner:
         self.db = runtime_db(db)
         self._plans: dict[int, Plan] = {}
         self._stale: dict[str, int] = {}  # op name -> stale records seen while choosing (one warning per plan)
+        self._panels: dict[str, int] = {}  # op name -> the panel width its weight is packed in (pin_layouts)
 
     # ---- choosing ---------------------------------------------------------------------------------------------
     def plan(self, m_tokens: int) -> Plan:
@@ -143,6 +145,9 @@ class LayerRunner:
             if not candidates:
                 raise ValueError(f"no backend among {self.backends} implements {problem.op} on {self.target}")
             spec, source = default_config(problem, candidates[0], self.target), "default"
+        panel = self._panels.get(name)
+        if panel is not None and source != "config" and (spec.backend != "tvm" or spec["nt"] != panel):
+            spec, source = self._in_layout(problem, spec, panel), f"{source}+layout"
         if spec.backend not in self.backends:
             raise ValueError(f"{name}: backend {spec.backend!r} is not in the allowed backends {self.backends}")
         violations = backend_info(spec.backend).space(problem, self.target).violations(spec.as_dict())
@@ -165,6 +170,43 @@ class LayerRunner:
         if backend_info(record.backend).space(problem, self.target).violations(spec.as_dict()):
             return None, "default"  # e.g. a nearest-M winner whose tile does not divide this bucket's BM
         return spec, f"db:{found.kind}"
+
+    # ---- one packed layout per weight (TunedMoE.pack_weights) -------------------------------------------------
+    def layouts(self) -> dict[str, int]:
+        """The panel width to pack each routed-expert weight in (op name -> nt of the tvm backend): that of the
+        op's tvm winner at the largest exactly tuned M bucket, else of its default point at M=1; {} where the
+        layer does not run the tvm backend. Prefill is FMA-bound and its tile decides; decode streams the weights
+        once whatever the panel (qwen3-30b-a3b gemm2 at T=1 on the Zen4 host: nt=16 1.85 ms, nt=32 1.84 ms)."""
+        if self.target.kind != "cpu" or "tvm" not in self.backends:
+            return {}
+        found: dict[str, int] = {}
+        for m in (4096, 1024, 256, 64, 16, 4, 1):
+            for name, choice in self.plan(m).chosen.items():
+                exact = choice.source.startswith("db:exact") and choice.config.backend == "tvm"
+                if name in PACKED_OPS and name not in found and exact:
+                    found[name] = choice.config["nt"]
+        program = self.plan(1).program
+        for name in PACKED_OPS:
+            found.setdefault(name, default_config(program.op(name), "tvm", self.target)["nt"])
+        return found
+
+    def pin_layouts(self, panels: dict[str, int]) -> None:
+        """From now on the ops of `panels` run the tvm backend with that panel width (their weights are packed
+        in it): a winner of another width, or of another backend, is adapted (source "...+layout")."""
+        self._panels = dict(panels)
+        self._plans.clear()
+
+    def _in_layout(self, problem: Problem, spec: KernelConfig, panel: int) -> KernelConfig:
+        """`spec` moved to the tvm backend at panel width `panel`: its other parameters where feasible, the rows
+        per tile lowered until the accumulators fit the registers; else the default point at that width."""
+        space = backend_info("tvm").space(problem, self.target)
+        base = spec.as_dict() if spec.backend == "tvm" else default_config(problem, "tvm", self.target).as_dict()
+        for point in (base, default_config(problem, "tvm", self.target).as_dict()):
+            mts = next(p.choices for p in space.params if p.name == "mt")
+            for mt in sorted((m for m in mts if m <= point["mt"]), reverse=True):
+                if space.is_feasible({**point, "nt": panel, "mt": mt}):
+                    return KernelConfig.of("tvm", {**point, "nt": panel, "mt": mt})
+        raise ValueError(f"no feasible tvm point of panel width {panel} for {problem}")
 
     # ---- running ----------------------------------------------------------------------------------------------
     def layer(self, x2: torch.Tensor, w: Weights) -> tuple[torch.Tensor, torch.Tensor]:

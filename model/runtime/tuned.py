@@ -27,6 +27,7 @@ from moetune.kernels.registry import BACKENDS
 from moetune.model.config import MoEConfig
 from moetune.model.hf.blocks import SUPPORTED_BLOCKS, block_returns, experts_weights, hf_block_config, hf_block_weights
 from moetune.model.moe import Experts, MoE, Router, SharedExpert
+from moetune.model.runtime.inplace import pack_in_place
 from moetune.model.runtime.plan import ConfigSpec, LayerRunner, Weights
 
 
@@ -75,6 +76,10 @@ class _HFBlock:
                 return hf_block_weights(layer, layer.cfg, kind=self.kind)
 
         return self._memo.get(_tensors(layer), convert)
+
+    def forget(self) -> None:
+        """Drop the memoised conversion (it holds views of the parameters as they were)."""
+        self._memo = TensorMemo()
 
 
 class TunedMoE(nn.Module):
@@ -159,6 +164,17 @@ class TunedMoE(nn.Module):
         """moetune state_dict name -> tensor in moetune's layout (model/moe.py), or None where absent."""
         return self._owner.weights(self)
 
+    def pack_weights(self) -> dict[str, tuple[int, int | None]]:
+        """Store the routed experts' weights once, in the CPU kernels' panel layout, in place of the parameters
+        (model/runtime/inplace.py): the layer's memory drops to about its weights' size, state_dict and
+        load_state_dict keep working. Returns {weight name: (panel, interleave)}; {} off the tvm backend."""
+        weights = self.weights()
+        done = pack_in_place(self, weights, self.runner)
+        del weights
+        if isinstance(self._owner, _HFBlock):
+            self._owner.forget()
+        return done
+
     def plan(self, m_tokens: int):
         """The lowered program for a batch of m_tokens and the kernel chosen for each op (plan.Plan)."""
         return self.runner.plan(m_tokens)
@@ -210,6 +226,14 @@ class HFExpertsRunner:
     def describe(self, m_tokens: int) -> list[dict[str, Any]]:
         """Per op: the kernel chosen at m_tokens and where it came from (LayerRunner.describe)."""
         return self.runner.describe(m_tokens)
+
+    def pack_weights(self) -> dict[str, tuple[int, int | None]]:
+        """TunedMoE.pack_weights for the experts module's own parameters (those of moetune's layout)."""
+        weights = self.weights()
+        done = pack_in_place(self._experts, weights, self.runner)
+        del weights
+        self._memo = TensorMemo()
+        return done
 
     @torch.no_grad()
     def run_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,81 @@
+"""Experts stored once: the routed experts' weight parameters replaced by PackedWeights in place.
+
+The CPU kernels read weights in panels (kernels/packed.py). Packing on the fly keeps a packed copy beside each
+original parameter, up to one per panel width a plan uses: a patched qwen3-30b-a3b layer (2.42 GB of fp32
+experts) held 5.15 GB. `pack_in_place` fixes one panel width per weight (LayerRunner.layouts: the tuned
+prefill tile) and makes the runner use it at every M (LayerRunner.pin_layouts), then swaps each expert weight
+parameter for a PackedWeight of the same name, shape, dtype and values whose only storage is the packed
+buffer; the original storage is freed once nothing else holds it. A state_dict hook on the owning module gives
+the dense values back, so `state_dict`, `save_pretrained`, safetensors and `load_state_dict` (which repacks in
+place) see no difference. Inference only: the PackedWeights do not require grad.
+
+Only weights the kernels read as they are can be packed in place: a moetune MoE's own, and HF experts stored
+concatenated and not transposed (Qwen3-MoE, Mixtral, OLMoE, DeepSeek, ...). Converted copies (gpt-oss's
+interleaved gate/up, Llama 4's transposed experts) are left as they are (their kernels pack on the fly).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moetune.kernels.packed import PackedWeight
+from moetune.model.runtime.plan import PACKED_OPS, LayerRunner, Weights
+
+_WEIGHT_OF = {"experts.gemm1": "experts.gate_up_proj", "experts.gemm2": "experts.down_proj"}
+assert set(_WEIGHT_OF) == set(PACKED_OPS)
+
+
+def _owner_of(root: nn.Module, tensor: torch.Tensor) -> tuple[nn.Module, str] | None:
+    """The module and attribute of `root`'s parameter that `tensor` is (or a detached alias of), else None."""
+    for module in root.modules():
+        for attr, p in module._parameters.items():
+            if p is None or p.shape != tensor.shape or p.dtype != tensor.dtype:
+                continue
+            if isinstance(p, PackedWeight) or isinstance(tensor, PackedWeight):
+                same = getattr(p, "packed", None) is getattr(tensor, "packed", p)
+            else:
+                same = p.data_ptr() == tensor.data_ptr() and p.stride() == tensor.stride()
+            if same:
+                return module, attr
+    return None
+
+
+def _dense_state(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """state_dict hook: PackedWeights become dense tensors (checkpoints stay plain)."""
+    for key, value in list(state_dict.items()):
+        if key.startswith(prefix) and isinstance(value, PackedWeight):
+            state_dict[key] = value.unpack()
+
+
+def pack_in_place(root: nn.Module, weights: Weights, runner: LayerRunner) -> dict[str, tuple[int, int | None]]:
+    """Pack the routed experts' weights of `root` (the module owning the parameters) in place, as the runner's
+    CPU kernels read them. Returns {moetune weight name: (panel, gate|up interleave or None)} for what was
+    packed; {} where the runner does not use the tvm backend. The caller must drop its own references to the
+    old weights (memoised conversions) for their storage to be freed."""
+    panels = runner.layouts()
+    if not panels:
+        return {}
+    program = runner.plan(1).program
+    done: dict[str, tuple[int, int | None]] = {}
+    for op, name in _WEIGHT_OF.items():
+        tensor = weights.get(name)
+        found = _owner_of(root, tensor) if tensor is not None else None
+        if found is None:
+            continue  # a converted copy: packed on the fly by the kernels
+        module, attr = found
+        problem = program.op(op)
+        interleave = problem["I"] if op == "experts.gemm1" and problem["gated"] else None
+        layout = (panels[op], interleave)
+        old = module._parameters[attr]
+        if not (isinstance(old, PackedWeight) and old.layout() == layout):
+            dense = old.unpack() if isinstance(old, PackedWeight) else old.detach()
+            packed = PackedWeight.of(dense, *layout)
+            del dense, old
+            setattr(module, attr, nn.Parameter(packed, requires_grad=False))
+        if not getattr(module, "_moetune_dense_state", False):
+            module._register_state_dict_hook(_dense_state)
+            module._moetune_dense_state = True
+        done[name] = layout
+    runner.pin_layouts({op: panels[op] for op, name in _WEIGHT_OF.items() if name in done})
+    return done

@@ -149,6 +149,18 @@ def _graph_replays(fn: Callable[[Any], Any], inputs: Sequence[Any], repeat: int)
     return samples
 
 
+def available_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (Linux), else None (then nothing is refused)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def machine_name(device: str = "cpu") -> str:
     """A stable folder name for results/: CPU model, LLVM's name of its microarchitecture and core count
     (amd-epyc-znver4-2c-x86_64: two EPYC machines of different generations report the same model name), or

@@ -238,3 +238,28 @@ def test_each_cell_re_measures_the_read_roof():
     stale = Machine({"float32": 100.0}, read_gbs=1e6, copy_gbs=1e6, matmul_n={}, stream_bytes=64 << 20)
     result = bench_layer(cfg, [1, 4], ("reference",), machine=stale, repeat=2)
     assert result.rows and all(0 < r.read_gbs < 1e5 for r in result.rows)
+
+
+def test_bench_e2e_runs_a_whole_causal_lm_and_checks_its_input(tmp_path):
+    """--e2e: a 1-layer Qwen3-MoE causal LM (qwen3-30b-a3b / 32), HF's experts implementations vs the patched
+    model, interleaved; every provider gives the same greedy tokens; the CSV gets one row per provider."""
+    pytest.importorskip("transformers")
+    runner, out = CliRunner(), tmp_path / "e2e.csv"
+    args = ["bench", "--e2e", "-p", "qwen3-30b-a3b", "--shrink", "32", "--layers", "1", "--tokens", "32"]
+    result = runner.invoke(app, [*args, "--repeat", "1", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    rows = {r["provider"]: r for r in data["rows"]}
+    assert set(rows) == {"hf-eager", "hf-grouped_mm", "tuned"} and data["same_tokens"]
+    assert all(r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 and r["rss_gb"] > 0 for r in rows.values())
+    assert max(rows[p]["prefill_tok_s_vs_best_hf"] for p in ("hf-eager", "hf-grouped_mm")) == 1.0
+    assert out.read_text().count("\n") == 4  # header + 3 rows
+    for bad, message in [
+        (["--target", "sm_90"], "--e2e times one preset in one dtype on the CPU"),
+        (["--tokens", "16,32"], "one --tokens value"),
+        (["--providers", "tvm"], "unknown --e2e provider(s) tvm"),
+        (["-p", "qwen9"], "unknown preset 'qwen9'"),
+        (["--layers", "100000"], "GiB is available"),
+    ]:
+        res = runner.invoke(app, ["bench", "--e2e", *bad])
+        assert res.exit_code == 2 and message in res.output, (bad, res.output)

@@ -52,7 +52,10 @@ def bench_command(
         ),
     ] = None,
     db: Annotated[str | None, typer.Option(help="Kernel DB for the tuned provider. Default: the embedded DB.")] = None,
-    repeat: Annotated[int, typer.Option(min=1, help="Timed calls per cell (after a warm-up; 20 s cap).")] = 10,
+    repeat: Annotated[
+        int | None,
+        typer.Option(min=1, help="Timed calls per cell (after a warm-up; 20 s cap). Default 10; --e2e: rounds, 3."),
+    ] = None,
     shrink: Annotated[
         int | None,
         typer.Option(
@@ -80,6 +83,17 @@ def bench_command(
         int | None, typer.Option(min=64, help="Square size of the peak-matmul measurement. Default: 2048 (GPU: 8192).")
     ] = None,
     stream_mib: Annotated[int, typer.Option(min=1, help="MiB of fp32 read / copied for the bandwidth.")] = 1024,
+    e2e: Annotated[
+        bool,
+        typer.Option(
+            "--e2e",
+            help="A whole HF causal LM instead of one layer: the preset's MoE dims (default qwen3-30b-a3b), --layers "
+            "layers, vocab 8192, random weights; hf-eager / hf-grouped_mm vs the model patched onto the tuned "
+            "kernels: greedy decode and prefill (--tokens, default 256) tokens/s, same greedy tokens; "
+            "--save/--out append to results/<machine>/e2e.csv.",
+        ),
+    ] = False,
+    layers: Annotated[int, typer.Option(min=1, help="Decoder layers of the --e2e model.")] = 4,
     as_json: JsonFlag = False,
 ) -> None:
     """Time one whole MoE layer forward: moetune (reference, untuned, tuned) vs Hugging Face's experts
@@ -107,6 +121,19 @@ def bench_command(
     from moetune.ir.target import cuda_gpus, resolve_target
     from moetune.model import MoEConfig
 
+    if e2e:
+        from moetune.autotune.cli.bench_e2e import E2E_PROVIDERS, e2e_command
+
+        if target != "cpu" or (preset and len(preset) > 1) or (dtype and "," in dtype):
+            fail("--e2e times one preset in one dtype on the CPU (--target cpu)")
+        chosen = tuple(p.strip() for p in (providers or ",".join(E2E_PROVIDERS)).split(",") if p.strip())
+        prefill = parse_ints(tokens, "--tokens") if tokens else [256]
+        if len(prefill) != 1:
+            fail("--e2e takes one --tokens value: the prefill length")
+        e2e_command((preset or ["qwen3-30b-a3b"])[0], dtype or "float32", shrink or 1, layers, prefill[0], chosen,
+                    repeat or 3, db, out, save, as_json)  # fmt: skip
+        return
+    repeat = repeat or 10
     try:
         device = resolve_target(target).torch_device
     except ValueError as exc:

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from moetune.autotune.bench.roofline import layer_bytes
+from moetune.autotune.measure import available_bytes
 from moetune.autotune.tuning.samplers import SAMPLERS
 from moetune.autotune.tuning.search import OpOutcome, StudyContext, tune_op
 from moetune.autotune.tuning.storage import open_storage
@@ -54,18 +55,6 @@ class TuneReport:
         return out
 
 
-def _available_bytes() -> int | None:
-    """MemAvailable of /proc/meminfo (Linux), else None (then nothing is refused)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
 def _check_memory(cfg: MoEConfig, tokens: int, target_kind: str) -> None:
     """Refuse, before anything is allocated or written, a tune that cannot fit: the worker holds the layer's
     weights and one packed copy, the inputs and the routed intermediates of the largest M (a lower bound; an
@@ -75,7 +64,7 @@ def _check_memory(cfg: MoEConfig, tokens: int, target_kind: str) -> None:
     weights = layer_bytes(cfg, 0, cfg.num_experts)  # every expert, router and shared expert (the bench's count)
     h, k = cfg.hidden_size, cfg.top_k
     activations = tokens * (2 * h + k * (cfg.up_factor * cfg.intermediate_size + h)) * 4
-    need, free = 2 * weights + activations, _available_bytes()
+    need, free = 2 * weights + activations, available_bytes()
     if free is not None and need > free:
         raise ValueError(
             f"tuning {cfg.name or 'this layer'} at M={tokens} needs at least {need / 2**30:,.1f} GiB of memory; "

@@ -11,6 +11,8 @@ before it is timed; one that does not match is reported and not timed):
   hf-eager        transformers' own block of the preset's family, experts_implementation="eager"
   hf-grouped_mm   ... "grouped_mm" (torch grouped_mm over expert-sorted rows)
   hf-batched_mm   ... "batched_mm" (gathers S copies of expert weights: skipped where that exceeds a limit)
+  ggml            llama.cpp's tensor library running its own MoE graph (autotune/bench/ggml.py; optional:
+                  `pip install 'moetune[anchors]'`, else skipped with a note)
 Per cell (preset, dtype, T): p20/p50/p80, useful GFLOP/s, GB/s of the bytes a forward must move (the
 experts the routing touched + router + shared + activations, autotune/bench/roofline.py) and % of this machine's
 roofline (matmul peak measured in the same run; on a CPU the read bandwidth re-measured around each cell, since a
@@ -42,7 +44,8 @@ from moetune.model.config import MoEConfig
 
 MOETUNE_PROVIDERS = ("reference", "torch", "tvm", "triton", "tvm_cuda", "tuned")
 HF_PROVIDERS = ("hf-eager", "hf-grouped_mm", "hf-batched_mm")
-PROVIDERS = MOETUNE_PROVIDERS + HF_PROVIDERS
+ANCHOR_PROVIDERS = ("ggml",)  # other libraries' own MoE graphs, from optional packages
+PROVIDERS = MOETUNE_PROVIDERS + HF_PROVIDERS + ANCHOR_PROVIDERS
 # the comparison matrix per device: what a user of that device would otherwise run, and moetune untuned / tuned
 DEFAULT_PROVIDERS = {
     "cpu": ("reference", *HF_PROVIDERS, "tvm", "tuned"),
@@ -136,6 +139,11 @@ def make_provider(name: str, ref, target: str, db: Any, hf_mem_limit: float) -> 
         kw = {"backends": BACKENDS[name], "db": False} if name != "tuned" else {"db": db}
         tuned = TunedMoE.from_module(ref, target=target, **kw)
         return Provider(name, tuned, tuned.describe)
+    if name == "ggml":
+        from moetune.autotune.bench.ggml import GgmlMoE
+
+        layer = GgmlMoE(ref)
+        return Provider(name, layer, layer.describe)
     if name not in HF_PROVIDERS:
         raise ValueError(f"unknown provider {name!r}; available: {', '.join(PROVIDERS)}")
     from moetune.autotune.bench.hf import batched_mm_bytes, family, hf_block, hf_forward

@@ -45,7 +45,8 @@ def bench_command(
         str | None,
         typer.Option(
             help="Comma-separated, or 'all': reference, torch, tvm (CPU), triton / tvm_cuda (GPU; untuned "
-            "defaults), tuned (kernel DB), hf-eager, hf-grouped_mm, hf-batched_mm. Default on a CPU: reference, "
+            "defaults), tuned (kernel DB), hf-eager, hf-grouped_mm, hf-batched_mm, ggml (llama.cpp's graph; needs "
+            "moetune[anchors]). Default on a CPU: reference, "
             "the three hf-*, tvm, tuned for the matrix; reference, torch, tvm, tuned with --preset. On a GPU: "
             "reference, hf-eager, hf-grouped_mm, torch, triton, tvm_cuda, tuned (with --preset: reference, "
             "torch, triton, tuned)."

@@ -46,7 +46,7 @@ from moetune.schedules.space import Constraint, Param, Point, SearchSpace
 
 BLOCK_M = (16, 32, 64, 128)
 BLOCK_N = (32, 64, 128, 256)
-BLOCK_K = (32, 64, 128)
+BLOCK_K = (32, 64, 128, 256)  # 256: long reductions at decode (Mixtral gemm2, K = 14336)
 GROUP_M = (1, 8, 32)
 GEMM_WARPS = (4, 8)
 GEMM_STAGES = (2, 3, 4, 5)

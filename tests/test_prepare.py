@@ -12,6 +12,7 @@ real preset takes minutes (qwen3-30b-a3b: ~340 kernels).
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -273,3 +274,18 @@ def test_prepare_cli_bad_input_exits_2():
         result = runner.invoke(app, argv)
         assert result.exit_code == 2, (argv, result.output)
         assert message in result.output and len(result.output.strip().splitlines()) == 1, (argv, result.output)
+
+
+def test_decode_gemm2_takes_block_k_256_and_a_relaxed_atomic_combine(monkeypatch):
+    """Mixtral's gemm2 at T=1 reduces over I = 14336: BLOCK_K = 256 is in the space and compiles for sm_90, and
+    the atomic combine's additions are relaxed reductions (no acq_rel fences: only the final sum is read)."""
+    seen: list[str] = []
+    real = prep.mma_kind
+    monkeypatch.setattr(prep, "mma_kind", lambda ptx: seen.append(ptx) or real(ptx))
+    problem = lower(MoEConfig.preset("mixtral-8x7b", dtype="bfloat16"), 1, "cuda").op("experts.gemm2")
+    point = {**spaces.default_point(problem, resolve_target("sm_90")), "BLOCK_K": 256, "combine": "atomic"}
+    assert spaces.static_space(problem).is_feasible(point)
+    got = _compile(problem, point, "sm_90")
+    assert got["feasible"], got
+    adds = re.findall(r"(?:atom|red)\.global\.[\w.]*add[\w.]*", seen[-1])
+    assert adds and all(".relaxed." in a for a in adds), adds

@@ -201,7 +201,7 @@ def _gemm2_kernel(
         mask = (slot >= 0)[:, None] & col_ok[None, :]
         if COMBINE_ATOMIC:
             dest = (slot // TOPK).to(tl.int64)
-            tl.atomic_add(out_ptr + dest[:, None] * stride_ot + cols[None, :], acc, mask=mask)
+            tl.atomic_add(out_ptr + dest[:, None] * stride_ot + cols[None, :], acc, mask=mask, sem="relaxed")
         else:
             tl.store(out_ptr + slot[:, None].to(tl.int64) * stride_ot + cols[None, :], acc, mask=mask)
 

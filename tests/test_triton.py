@@ -361,8 +361,34 @@ def check_probe() -> None:
     assert int(out[0]) == 3, int(out[0])
 
 
+def check_route_nan(router: str, n_group: int):
+    """A router whose logits are NaN for some tokens (a broken checkpoint, an overflow): those tokens still get K
+    distinct expert ids in [0, E) (an id past E once made align overwrite another token's row), and every
+    other token is routed exactly as the reference routes it."""
+    from moetune.ir.program import lower
+    from moetune.kernels import reference as ref
+    from moetune.model import MoE, MoEConfig
+
+    extra = {"n_group": n_group, "topk_group": 2} if n_group > 1 else {}
+    cfg = MoEConfig(hidden_size=32, intermediate_size=8, num_experts=12, top_k=3, router=router, **extra)
+    router_module = MoE(cfg).router
+    x = torch.randn(6, cfg.hidden_size)
+    x[[1, 4]] = float("nan")
+    problem = lower(cfg, 6).op("route")
+    config, target = _config(problem, {})
+    with torch.no_grad():
+        weights, ids = _poisoned(_impl("route"), problem, config, target, x, router_module.weight, None, None)
+        want_w, want_ids = ref.select_experts(ref.router_logits(x, router_module.weight, None), cfg, None)
+    assert ((ids >= 0) & (ids < cfg.num_experts)).all(), ids
+    assert all(len(set(row.tolist())) == cfg.top_k for row in ids), ids
+    good = [0, 2, 3, 5]
+    assert torch.equal(ids[good].long(), want_ids[good]), (ids, want_ids)
+    _assert_close(weights[good], want_w[good], "float32")
+
+
 CHECKS = {
     "probe": check_probe,
+    "route_nan": check_route_nan,
     "route": check_route,
     "align": check_align,
     "gemm1": check_gemm1,
@@ -441,6 +467,11 @@ def interpreter():
 @pytest.mark.parametrize(("overrides", "t", "boost", "dtype", "logits"), ROUTE_CASES)
 def test_route_matches_reference(interpreter, overrides, t, boost, dtype, logits):
     interpreter("route", overrides=overrides, t=t, boost=boost, dtype=dtype, logits=logits)
+
+
+@pytest.mark.parametrize(("router", "n_group"), [("softmax", 1), ("sigmoid", 4)])
+def test_route_with_nan_logits_keeps_ids_in_range(interpreter, router, n_group):
+    interpreter("route_nan", router=router, n_group=n_group)
 
 
 @pytest.mark.parametrize(("t", "k", "e", "bm", "pool", "block_s"), ALIGN_CASES)

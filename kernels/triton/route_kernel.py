@@ -10,7 +10,8 @@ One program routes BLOCK_T tokens with all E logits in registers, so every route
   scores   SCORE 0 softmax over E, 1 sigmoid, 2 the raw logits (topk_softmax / topk_sigmoid / topk_hard)
   choice   scores (+ correction bias for softmax / sigmoid), group-limited when N_GROUP > 1: the best
            TOPK_GROUP groups by their max (or top-2 sum) stay eligible
-  top-k    K rounds of argmax (ties to the lower expert id), the chosen score gathered in the same pass
+  top-k    K rounds of argmax over the experts not chosen yet (ties to the lower expert id; NaN scores rank
+           last, so a broken router still yields K distinct ids in [0, E)), the chosen score gathered in the same pass
   weights  POST 0 the chosen scores, 1 softmax over the K chosen logits, 2 their sigmoid, 3 ones (topk_hard);
            then / sum (NORM), then * scale
 The semantics are reference.select_experts' (kernels/reference.py).
@@ -106,7 +107,7 @@ def _route_kernel(
     choice = scores
     if HAS_CBIAS:
         choice = choice + tl.load(cbias_ptr + cols, mask=col_ok, other=0.0)[None, :]
-    choice = tl.where(col_ok[None, :], choice, neg)
+    choice = tl.where(col_ok[None, :] & (choice == choice), choice, neg)  # NaN (a broken router) ranks last
 
     # ---- group limit: keep the TOPK_GROUP best of N_GROUP groups of E // N_GROUP experts
     if N_GROUP > 1:
@@ -137,10 +138,13 @@ def _route_kernel(
     k_idx = tl.arange(0, K_PAD)
     top_ids = tl.zeros((BLOCK_T, K_PAD), dtype=tl.int32)
     top_w = tl.zeros((BLOCK_T, K_PAD), dtype=tl.float32)
+    taken = tl.zeros((BLOCK_T, E_PAD), dtype=tl.int32)
     for k in tl.static_range(K):
-        best = tl.max(choice, axis=1)
-        pick = tl.min(tl.where(choice == best[:, None], cols[None, :], E_PAD), axis=1)
+        free = (taken == 0) & col_ok[None, :]  # an expert, not chosen yet: ids stay in [0, E) and distinct
+        best = tl.max(tl.where(free, choice, neg), axis=1)
+        pick = tl.min(tl.where(free & (choice >= best[:, None]), cols[None, :], E_PAD), axis=1)
         hit = cols[None, :] == pick[:, None]
+        taken = tl.where(hit, 1, taken)
         chosen = tl.sum(tl.where(hit, scores, 0.0), axis=1)
         top_ids = tl.where(k_idx[None, :] == k, pick[:, None], top_ids)
         top_w = tl.where(k_idx[None, :] == k, chosen[:, None], top_w)

@@ -6,6 +6,7 @@ points fail in each way a real candidate can (not a test module: pytest does not
   kt == 8                          segfaults the worker
   kt == 1 and order blocks_outer   hangs
   mt == 2 (otherwise healthy)      returns numbers 1% off
+  mt == 3                          raises a sticky CUDA error (as torch reports an illegal memory access)
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ def faulty_gemm1(problem, config, target, *args):
     p = config.as_dict()
     if p["kt"] == 2:
         raise RuntimeError("injected build failure")
+    if p["mt"] == 3:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
     if p["kt"] == 8:
         os.kill(os.getpid(), signal.SIGSEGV)
     if p["kt"] == 1 and p["order"] == "blocks_outer":

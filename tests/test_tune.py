@@ -52,7 +52,7 @@ def test_tune_stores_verified_winners_and_tuned_moe_uses_them(tmp_path):
 def is_faulty(point: dict) -> bool:
     """The points tests/faulty_kernels.py breaks (kept here: importing that module would break this process)."""
     hangs = point["kt"] == 1 and point["order"] == "blocks_outer"
-    return point["kt"] in (2, 8) or hangs or point["mt"] == 2
+    return point["kt"] in (2, 8) or hangs or point["mt"] in (2, 3)
 
 
 def test_failed_candidates_are_failed_trials_never_winners(tmp_path, monkeypatch):
@@ -164,8 +164,9 @@ def test_killed_run_resumes_without_repeating_finished_trials(tmp_path):
         ({"kt": 8, "mt": 1}, "crashed: killed by SIGSEGV"),
         ({"kt": 1, "mt": 1, "order": "blocks_outer"}, "timeout: no result within 5 s"),
         ({"kt": 4, "mt": 2}, "wrong result on T=1"),
+        ({"kt": 4, "mt": 3}, "RuntimeError: CUDA error: an illegal memory access"),
     ],
-    ids=["raises", "segfaults", "hangs", "wrong-numbers"],
+    ids=["raises", "segfaults", "hangs", "wrong-numbers", "sticky-cuda-error"],
 )
 def test_worker_turns_each_failure_into_a_reason(point, reason, monkeypatch):
     from moetune.autotune.tuning.worker import Task, Worker
@@ -184,8 +185,13 @@ def test_worker_turns_each_failure_into_a_reason(point, reason, monkeypatch):
             repeat=3,
             imports=("faulty_kernels",),
         )
+        before = worker._start().pid
         result = worker.run(task, timeout=5)
         assert not result.ok and result.error.startswith(reason), result.error
+        sticky = "CUDA" in reason
+        assert ("a fresh worker takes the next trial" in result.error) == sticky
+        replaced = worker.proc is None or worker.proc.pid != before  # the next trial gets a fresh worker
+        assert replaced == (sticky or reason.startswith(("crashed", "timeout")))
         healthy = worker.run(
             Task(cfg=SMALL.to_dict(), m_tokens=16, op="experts.gemm1", backend="torch", params={}, repeat=3), timeout=60
         )

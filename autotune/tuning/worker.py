@@ -4,7 +4,9 @@ The parent (autotune/tuning/search.py) talks to one long-lived worker over JSON 
 moetune.autotune.tuning.worker`); keeping the process alive amortises the seconds of importing torch and TVM and of
 building the layer's weights. A compile error or a wrong result comes back as a failed result with its
 reason; a crash (segfault, OOM kill) or a hang past the timeout kills the worker, the parent records the
-trial as failed, and the next trial starts a fresh worker. Nothing a candidate does can stop the run.
+trial as failed, and the next trial starts a fresh worker; so does a sticky CUDA error (an illegal address, a
+device-side assert), after which the worker answers the failed trial and exits. Nothing a candidate does can
+stop the run.
 
 The protocol uses a private copy of the worker's stdout; fd 1 itself is pointed at stderr so that prints
 from native code cannot corrupt it.
@@ -80,6 +82,8 @@ class Worker:
             return self._died(started)
         result = Result(**json.loads(line))
         result.seconds = time.monotonic() - started
+        if result.details.get("restart"):  # the worker's CUDA context is lost: it exits, the next trial starts one
+            self.close()
         return result
 
     def _died(self, started: float) -> Result:
@@ -126,8 +130,24 @@ def serve() -> None:
             result = evaluate(task)
         except Exception as exc:  # a candidate's Python-level failure is a failed trial, not a dead worker
             result = Result(False, f"{type(exc).__name__}: {' '.join(str(exc).split())[:400]}")
+            if sticky_device_error(exc):
+                result.error += " (the worker's CUDA context is lost: a fresh worker takes the next trial)"
+                result.details["restart"] = True
         proto.write(json.dumps(asdict(result)) + "\n")
         proto.flush()
+        if result.details.get("restart"):
+            return
+
+
+# CUDA errors after which every later call in the process fails (the context is corrupted), as CUDA reports them
+_STICKY = ("illegal memory access", "unspecified launch failure", "misaligned address", "device-side assert",
+           "illegal instruction", "an illegal", "cudaErrorLaunchFailure", "CUDA_ERROR_ILLEGAL_ADDRESS")  # fmt: skip
+
+
+def sticky_device_error(exc: BaseException) -> bool:
+    """A GPU error that poisons the process's CUDA context: the worker must end, not run the next candidate."""
+    text = f"{type(exc).__name__}: {exc}"
+    return type(exc).__name__ == "AcceleratorError" or any(s in text for s in _STICKY)
 
 
 if __name__ == "__main__":

@@ -36,14 +36,15 @@ TORCH = KernelConfig.of("torch")
 
 
 @lru_cache(maxsize=2)
-def _layer(cfg_json: str) -> MoE:
+def _layer(cfg_json: str, device: str = "cpu") -> MoE:
+    """The config's layer with seeded random weights (the same values on every device), on `device`."""
     import json
 
     torch.manual_seed(1234)
     layer = MoE(MoEConfig.from_dict(json.loads(cfg_json))).eval()
     if layer.router.e_score_correction_bias is not None:
         layer.router.e_score_correction_bias.normal_(std=0.05)
-    return layer
+    return layer.to(device)
 
 
 def _op_params(layer: MoE, op: str):
@@ -64,8 +65,8 @@ def _case(layer: MoE, program: MoEProgram, op: str, x: torch.Tensor, one_expert:
         gate = layer.shared_expert.gate_weight
         if op == "shared.route":
             return (x, gate, None, None)
-        weights = torch.sigmoid(x.float() @ gate.float().T) if gate is not None else torch.ones(t, 1)
-        ids = torch.zeros(t, 1, dtype=torch.int32)
+        weights = torch.sigmoid(x.float() @ gate.float().T) if gate is not None else torch.ones(t, 1, device=x.device)
+        ids = torch.zeros(t, 1, dtype=torch.int32, device=x.device)
         align_problem = program.op("shared.align")
     else:
         r = layer.router
@@ -73,7 +74,7 @@ def _case(layer: MoE, program: MoEProgram, op: str, x: torch.Tensor, one_expert:
             program.op("route"), TORCH, target, x, r.weight, r.bias, r.e_score_correction_bias
         )
         if one_expert:  # every token on expert 0 (k = 0) and on experts 1..K-1: all other experts get no rows
-            ids = torch.arange(ids.shape[1], dtype=torch.int32).expand(t, -1).contiguous()
+            ids = torch.arange(ids.shape[1], dtype=torch.int32, device=x.device).expand(t, -1).contiguous()
         align_problem = program.op("align")
     if op.endswith("align"):
         return (weights, ids)
@@ -150,23 +151,28 @@ def _inputs(cfg_json: str, target_name: str, m: int, op: str, seed: int) -> tupl
     """The op's verification cases [(name, args, reference output, error limit)] and three timing input sets.
 
     They depend on the problem and the seed, not on the candidate, so a worker makes them once per study (the
-    torch backend's upstream ops and the reference take most of a trial's time otherwise)."""
-    layer = _layer(cfg_json)
-    cfg = layer.cfg
+    torch backend's upstream ops and the reference take most of a trial's time otherwise). They are made on the
+    target's device (a GPU computes its own references: Mixtral's at T=4096 are TFLOPs), the references then
+    kept on the host, where the checks compare."""
     target = resolve_target(target_name)
+    device, host = torch.device(target.torch_device), torch.device("cpu")
+    layer = _layer(cfg_json, device.type)
+    cfg = layer.cfg
     program = lower(cfg, m, target_kind=target.kind)
     problem = program.op(op)
     gen = torch.Generator().manual_seed(seed + 1)
     checks = []
     for name, t, one in (("T=1", 1, False), ("one-expert", max(2, m // 2), True), (f"T={m}", m, False)):
-        x = torch.randn(t, cfg.hidden_size, generator=gen).to(cfg.torch_dtype)
+        x = torch.randn(t, cfg.hidden_size, generator=gen).to(device, cfg.torch_dtype)
         args = _case(layer, program, op, x, one)
-        want = _reference(program, op, args)
+        want = _to(_reference(program, op, args), host)
         limit = 1e-4
         if cfg.dtype != "float32" and problem.op in ("gemm1", "gemm2"):
-            limit = 2 * _error(problem.op, get_impl(problem.op, "torch").fn(problem, TORCH, target, *args), want) + 1e-3
+            torch_out = _to(get_impl(problem.op, "torch").fn(problem, TORCH, target, *args), host)
+            limit = 2 * _error(problem.op, torch_out, want) + 1e-3
         checks.append((name, args, want, limit))
-    sets = [_case(layer, program, op, torch.randn(m, cfg.hidden_size).to(cfg.torch_dtype), False) for _ in range(3)]
+    sets = [_case(layer, program, op, torch.randn(m, cfg.hidden_size).to(device, cfg.torch_dtype), False)
+            for _ in range(3)]  # fmt: skip
     return checks, sets
 
 
@@ -177,14 +183,13 @@ def evaluate(task: Task) -> Result:
     import json
 
     cfg_json = json.dumps(task.cfg, sort_keys=True)
-    layer = _layer(cfg_json)
-    cfg = layer.cfg
+    cfg = MoEConfig.from_dict(task.cfg)
     target = resolve_target(task.target)
     program = lower(cfg, task.m_tokens, target_kind=target.kind)
     problem = program.op(task.op)
     impl = get_impl(problem.op, task.backend)
     config = KernelConfig.of(task.backend, task.params)
-    # inputs are made (and checked) on the host by the torch backend; a CUDA candidate gets device copies
+    # inputs are made on the target's device by the torch backend (_inputs); outputs are checked on the host
     device = torch.device(target.torch_device)
 
     def run(args):

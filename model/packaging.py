@@ -95,7 +95,7 @@ def _records(cfgs: list[MoEConfig], targets: list[str], db: Any) -> list[dict[st
     """The DB's records, at the current versions, of every op these configs lower to, for these targets."""
     from moetune.ir.program import lower
     from moetune.ir.target import resolve_target
-    from moetune.kernels.db import current_versions
+    from moetune.kernels.db import is_current
     from moetune.model.runtime.plan import runtime_db
 
     handle = runtime_db(db)
@@ -106,8 +106,7 @@ def _records(cfgs: list[MoEConfig], targets: list[str], db: Any) -> list[dict[st
         return []
     kinds = {t.kind for t in resolved}
     ops = {op.problem.signature for cfg in set(cfgs) for k in kinds for b in range(17) for op in lower(cfg, 1 << b, k)}
-    versions = current_versions()
-    rows = [r.to_dict() for t in names for r in handle.records(target=t) if r.key.op in ops and r.versions == versions]
+    rows = [r.to_dict() for t in names for r in handle.records(target=t) if r.key.op in ops and is_current(r)]
     for t in names:
         if not any(r["target"] == t for r in rows):
             warnings.warn(

@@ -357,3 +357,20 @@ def test_concurrent_processes_keep_the_minimum(tmp_path):
     with open_db(path) as db:
         rows = db.records()
     assert len(rows) == 1 and rows[0].p50_ms == min(float(o) for o in outs)
+
+
+def test_a_backend_record_goes_stale_only_with_its_own_versions(monkeypatch):
+    """A record stores the versions that decide its backend's kernels: editing the Triton kernels (or upgrading
+    Triton) leaves the CPU's tvm winners in use, and makes the triton winners stale."""
+    from moetune.kernels.db import versions as v
+
+    cpu = make(1, 1.0, v.current_versions("tvm"))
+    gpu = make(16, 1.0, v.current_versions("triton"), backend="triton", target="cuda -arch=sm_90")
+    db = MemoryKernelDB([cpu, gpu])
+    assert cpu.versions["triton"] == "*" and gpu.versions["tvm"] == "*" and v.is_current(cpu) and v.is_current(gpu)
+    assert v.is_current(make(1, 1.0, v.current_versions()))  # a record with every version current is current too
+    real = v._source_hash
+    monkeypatch.setattr(v, "_source_hash", lambda backend: "edited" if backend == "triton" else real(backend))
+    assert v.is_current(cpu) and not v.is_current(gpu)
+    assert db.lookup(cpu.key).kind == "exact" and db.lookup(gpu.key).kind == "miss"
+    assert db.prune() == 1 and db.records() == [cpu]

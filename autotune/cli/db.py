@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from moetune.autotune.cli.common import JsonFlag, console, fail, print_json
-from moetune.kernels.db import KernelDB, KernelDBError, KernelRecord, current_versions, open_db
+from moetune.kernels.db import KernelDB, KernelDBError, KernelRecord, current_versions, is_current, open_db
 
 db_app = typer.Typer(help="Inspect and manage the kernel database (winners of tuning runs).", no_args_is_help=True)
 
@@ -48,8 +48,8 @@ def _opened(db: str | None, create: bool = False) -> Iterator[KernelDB]:
         handle.close()
 
 
-def _row(r: KernelRecord, versions: dict[str, str]) -> dict[str, Any]:
-    return {"id": r.short_id, **r.to_dict(), "speedup": round(r.speedup, 4), "stale": r.versions != versions}
+def _row(r: KernelRecord) -> dict[str, Any]:
+    return {"id": r.short_id, **r.to_dict(), "speedup": round(r.speedup, 4), "stale": not is_current(r)}
 
 
 @db_app.command("ls")
@@ -63,8 +63,7 @@ def ls(
     with _opened(db) as handle:
         found = [r for r in handle.records(target=target) if op is None or op in r.key.op]
         location = handle.location
-    versions = current_versions()
-    rows = [_row(r, versions) for r in found]
+    rows = [_row(r) for r in found]
     if as_json:
         print_json(rows)
         return
@@ -131,8 +130,7 @@ def show(
     """Show one record: key, versions, timings and the schedule config."""
     with _opened(db) as handle:
         record = handle.find(key)
-    versions = current_versions()
-    row = _row(record, versions)
+    row = _row(record)
     if as_json:
         print_json(row)
         return
@@ -145,6 +143,8 @@ def show(
         table.add_row(name, f"{row[name]:.4g}")
     table.add_row("speedup", f"{row['speedup']:.2f}x vs torch in the same run")
     table.add_row("config", escape(json.dumps(record.config, sort_keys=True)))
+    # the versions the record is compared with: its backend's (entries "*" are not compared), else all of them
+    versions = current_versions(record.backend) if "*" in record.versions.values() else current_versions()
     for name, value in record.versions.items():
         now = versions.get(name, "none")
         table.add_row(f"version {name}", value if value == now else f"{value} [yellow](now {now}: stale)[/yellow]")
@@ -184,9 +184,8 @@ def prune(
     """Delete stale records (tuned with other versions), or all of them with --all --yes."""
     if everything and not yes:
         fail("prune --all deletes every record; add --yes to confirm")
-    versions = {} if everything else current_versions()
     with _opened(db) as handle:
-        count = handle.prune(versions, everything=everything)
+        count = handle.prune(everything=everything)
         location = handle.location
     what = "records" if everything else "stale records"
     console.print(f"deleted {count} {what} from {location}", highlight=False)

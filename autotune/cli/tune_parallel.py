@@ -95,13 +95,13 @@ def _pump(proc: subprocess.Popen, events: queue.Queue) -> None:
 def _summary(cfg, ms: list[int], target: str, db: str | None, as_json: bool) -> None:
     from moetune.ir.program import m_bucket
     from moetune.ir.target import resolve_target
-    from moetune.kernels.db import current_versions, layer_keys, open_db
+    from moetune.kernels.db import layer_keys, open_db
 
-    tgt, versions, rows = resolve_target(target), current_versions(), []
+    tgt, rows = resolve_target(target), []
     with open_db(db) as database:
         for bucket in sorted({m_bucket(v) for v in ms}):
             for name, key in layer_keys(cfg, tgt, bucket).items():  # lowered for the target's kind
-                found = database.lookup(key, versions)
+                found = database.lookup(key)
                 if found.kind == "exact":
                     rows.append({**found.record.to_dict(), "m": bucket, "name": name})
     if as_json:

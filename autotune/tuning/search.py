@@ -34,7 +34,7 @@ from moetune.autotune.tuning.storage import create_study, fail_orphans, settle_s
 from moetune.autotune.tuning.worker import Task, Worker
 from moetune.ir.program import Problem
 from moetune.ir.target import Target
-from moetune.kernels.db import KernelDB, KernelKey, KernelRecord, current_versions, kernel_key
+from moetune.kernels.db import KernelDB, KernelKey, KernelRecord, current_versions, is_current, kernel_key
 from moetune.kernels.registry import backend_info, backends_for, missing_packages
 from moetune.schedules.space import Point, SearchSpace
 
@@ -114,19 +114,19 @@ def skipped_backends(target: Target) -> dict[str, list[str]]:
     return {b: missing_packages(b) for b in TUNED_BACKENDS.get(target.kind, ()) if missing_packages(b)}
 
 
-def _study_name(target: Target, problem: Problem, m_bucket: int, versions: dict[str, str], backend: str = "tvm") -> str:
-    """One study per backend. `enc=2`: parameters index the narrowed choices (a study with the older encoding of
-    the full choices is not resumed into this one)."""
-    name = f"moetune|{target.name}|{problem.signature}|M{m_bucket}|src={versions['source']}|enc=2"
+def _study_name(target: Target, problem: Problem, m_bucket: int, backend: str = "tvm") -> str:
+    """One study per backend, named with that backend's kernel sources. `enc=2`: parameters index the narrowed
+    choices (a study with the older encoding of the full choices is not resumed into this one)."""
+    name = f"moetune|{target.name}|{problem.signature}|M{m_bucket}|src={current_versions(backend)['source']}|enc=2"
     return name if backend == "tvm" else f"{name}|{backend}"
 
 
-def _budget_run(ctx: StudyContext, problem: Problem, m: int, versions: dict[str, str], record: KernelRecord) -> int:
+def _budget_run(ctx: StudyContext, problem: Problem, m: int, record: KernelRecord) -> int:
     """The largest trial budget this key's studies ran with (else the winner's trial count): a re-run that
     asks for more continues the studies (Optuna resumes them from the storage) instead of answering cached."""
     budgets = [record.trials]
     for backend in tuned_backends(problem.op, ctx.target):
-        name = _study_name(ctx.target, problem, m, versions, backend)
+        name = _study_name(ctx.target, problem, m, backend)
         try:
             budgets.append(int(optuna.load_study(study_name=name, storage=ctx.storage).user_attrs.get("budget", 0)))
         except KeyError:  # no such study in this storage (another storage, or deleted): the record decides
@@ -150,13 +150,11 @@ def _measure(ctx: StudyContext, m: int, op_name: str, backend: str, point: Point
     return ctx.worker.run(task, ctx.trial_timeout)
 
 
-def _warm_start(
-    ctx: StudyContext, problem: Problem, m: int, space: SearchSpace, versions, backend: str = "tvm"
-) -> list[Point]:
+def _warm_start(ctx: StudyContext, problem: Problem, m: int, space: SearchSpace, backend: str = "tvm") -> list[Point]:
     """Feasible winners of the backend for the same op kind, nearest shape first (same signature, then M)."""
     found = []
     for r in ctx.db.records(target=ctx.target.name, dtype=problem.dtype):
-        if r.backend == backend and r.versions == versions and r.key.op.split("[")[0] == problem.op:
+        if r.backend == backend and is_current(r) and r.key.op.split("[")[0] == problem.op:
             distance = (r.key.op != problem.signature, abs(math.log2(r.key.m_bucket) - math.log2(m)))
             found.append((distance, r.config))
     points = []
@@ -175,11 +173,10 @@ def tune_op(
     time_budget: float | None,
     force: bool = False,
 ) -> OpOutcome:
-    versions = current_versions()
     key = kernel_key(ctx.target, problem, m)
-    found = ctx.db.lookup(key, versions)
+    found = ctx.db.lookup(key)
     outcome = OpOutcome(op_name, problem.signature, m, "tuned", stale=len(found.stale))
-    if found.kind == "exact" and not force and trials <= _budget_run(ctx, problem, m, versions, found.record):
+    if found.kind == "exact" and not force and trials <= _budget_run(ctx, problem, m, found.record):
         r = found.record
         outcome.status, outcome.backend, outcome.config = "cached", r.backend, r.config
         outcome.p50_ms, outcome.torch_p50_ms, outcome.trials = r.p50_ms, r.baseline_p50_ms, r.trials
@@ -193,7 +190,7 @@ def tune_op(
     for backend in backends:
         space = backend_info(backend).space(problem, ctx.target).narrowed()
         sampler = make_sampler(ctx.sampler, space, ctx.seed)
-        study = create_study(ctx.storage, _study_name(ctx.target, problem, m, versions, backend), sampler)
+        study = create_study(ctx.storage, _study_name(ctx.target, problem, m, backend), sampler)
         fail_orphans(study)
         baseline = baseline or study.user_attrs.get("torch")
         studies.append((backend, space, study))
@@ -208,19 +205,19 @@ def tune_op(
     outcome.torch_p50_ms = baseline["p50_ms"]
     for backend, space, study in studies:
         share = time_budget / len(studies) if time_budget is not None else None  # the budget is split
-        _run_study(ctx, op_name, problem, m, trials, share, versions, backend, space, study)
-    outcome = _finish(ctx, studies, outcome, key, versions, baseline, started)
+        _run_study(ctx, op_name, problem, m, trials, share, backend, space, study)
+    outcome = _finish(ctx, studies, outcome, key, baseline, started)
     spent = time.monotonic() - started
     outcome.cut_short = time_budget is not None and spent >= 0.95 * time_budget and outcome.trials < trials
     return outcome
 
 
-def _run_study(ctx, op_name, problem, m, trials, time_budget, versions, backend, space, study) -> None:
+def _run_study(ctx, op_name, problem, m, trials, time_budget, backend, space, study) -> None:
     """Enqueue the backend's default point and warm starts, then let the sampler explore its space."""
     if not study.trials:
         default = backend_info(backend).default(problem, ctx.target)
         study.enqueue_trial(encode(space, default), user_attrs={"origin": "default"})
-        for point in _warm_start(ctx, problem, m, space, versions, backend):
+        for point in _warm_start(ctx, problem, m, space, backend):
             study.enqueue_trial(encode(space, point), user_attrs={"origin": "warm-start"}, skip_if_exists=True)
 
     def measure(trial: optuna.Trial, point: Point) -> float:
@@ -354,7 +351,7 @@ def explore(
         settle_study(study, objective, callback, (TrialFailed,))
 
 
-def _finish(ctx, studies, outcome: OpOutcome, key: KernelKey, versions, baseline, started: float) -> OpOutcome:
+def _finish(ctx, studies, outcome: OpOutcome, key: KernelKey, baseline, started: float) -> OpOutcome:
     """The winner over every backend's completed trials and the torch baseline; into the DB."""
     states = optuna.trial.TrialState
     complete, default = [], []
@@ -385,7 +382,7 @@ def _finish(ctx, studies, outcome: OpOutcome, key: KernelKey, versions, baseline
     ctx.db.put(
         KernelRecord(
             key=key,
-            versions=versions,
+            versions=current_versions(outcome.backend),  # only what decides this backend's kernels
             backend=outcome.backend,
             config=outcome.config,
             p20_ms=p20,

@@ -1,6 +1,7 @@
 """The kernel database: tuned winners keyed by (target, op signature, dtype, M bucket) + versions.
 
-records.py  the key, the record, the abstract KernelDB, MemoryKernelDB, versions, JSON export/import
+records.py  the key, the record, the abstract KernelDB, MemoryKernelDB, JSON export/import
+versions.py which versions a record must carry to be used here (per backend: current_versions, is_current)
 sql.py      SQLKernelDB (SQLAlchemy: an SQLite file by default, any URL such as PostgreSQL)
 key.py      kernel_key / layer_keys: the one constructor of a key, used by the tuner, the runtime and the workers
 
@@ -23,8 +24,8 @@ from moetune.kernels.db.records import (
     KernelRecord,
     Lookup,
     MemoryKernelDB,
-    current_versions,
 )
+from moetune.kernels.db.versions import current_versions, is_current
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -36,6 +37,7 @@ __all__ = [
     "MemoryKernelDB",
     "current_versions",
     "default_db_path",
+    "is_current",
     "kernel_key",
     "layer_keys",
     "open_db",

@@ -1,6 +1,7 @@
 """The kernel database: the winner of each tuning study, keyed so that a stale winner is never used.
 
-Key = (target, op signature, dtype, M bucket) + versions (moetune, tvm, triton, torch, kernel source hash).
+Key = (target, op signature, dtype, M bucket) + versions (moetune, tvm, triton, torch, kernel source hash; per
+backend: only those that decide its kernels, see current_versions).
 One row per key: `put` keeps the better record (lower p50) inside one transaction, so concurrent tuners
 racing on one key leave exactly the fastest. `lookup` answers with the exact M bucket, else the nearest
 tuned bucket on a log scale (same target, op, dtype and versions), else a miss; records whose versions
@@ -15,9 +16,7 @@ between databases.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import importlib
 import json
 import math
 import os
@@ -28,6 +27,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from moetune.kernels.db.versions import currency
 
 SCHEMA_VERSION = 1
 _SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -179,41 +180,6 @@ class Lookup:
     stale: tuple[KernelRecord, ...]  # same (target, op, dtype) but other versions: never used, reported
 
 
-def current_versions() -> dict[str, str]:
-    """The versions a record must carry to be used here: packages via importlib.metadata + kernel source hash."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    def dist(*names: str) -> str:
-        for name in names:
-            with contextlib.suppress(PackageNotFoundError):
-                return version(name)
-        return "none"
-
-    return {
-        "moetune": dist("moetune"),
-        "tvm": dist("apache-tvm", "tvm"),
-        "triton": dist("triton"),
-        "torch": dist("torch"),
-        "source": kernel_sources_hash(),
-    }
-
-
-def kernel_sources_hash() -> str:
-    """One hash over every backend's kernel sources (TVM CPU, Triton, TVM CUDA): any kernel change marks
-    records stale. A backend that cannot be imported here (no TVM, no Triton) counts as "none"."""
-    parts = []
-    for name, module in (
-        ("tvm", "moetune.kernels.tvm_cpu.build"),
-        ("triton", "moetune.kernels.triton.common"),
-        ("tvm_cuda", "moetune.kernels.tvm_cuda.launchers"),
-    ):
-        try:
-            parts.append(f"{name}={importlib.import_module(module).kernel_source_hash()}")
-        except ImportError:
-            parts.append(f"{name}=none")
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
-
-
 def _read_envelope(path: Path) -> list[KernelRecord]:
     """Parse and validate a whole export file, so that a bad one imports nothing."""
     try:
@@ -266,12 +232,13 @@ class KernelDB(ABC):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def lookup(self, key: KernelKey, versions: dict[str, str]) -> Lookup:
-        """Exact key and versions, else the nearest tuned M bucket (|log2 m - log2 m'|, ties -> larger M)."""
-        versions = dict(sorted(versions.items()))
+    def lookup(self, key: KernelKey, versions: dict[str, str] | None = None) -> Lookup:
+        """Exact key and current versions (`is_current`, or exactly `versions` when given), else the nearest tuned
+        M bucket (|log2 m - log2 m'|, ties -> larger M)."""
         rows = self.records(key.target, key.op, key.dtype)
-        usable = [r for r in rows if r.versions == versions]
-        stale = tuple(r for r in rows if r.versions != versions)
+        current = currency(versions)
+        usable = [r for r in rows if current(r)]
+        stale = tuple(r for r in rows if not current(r))
         for r in usable:
             if r.key.m_bucket == key.m_bucket:
                 return Lookup(r, "exact", stale)
@@ -319,10 +286,11 @@ class KernelDB(ABC):
                 raise KernelDBError(f"{path}: record {i} ({record.key.op[:60]}, {record.key.target[:40]}): {problem}")
         return sum(self.put(r) for r in records)
 
-    def prune(self, versions: dict[str, str], everything: bool = False) -> int:
-        """Delete stale records (versions != `versions`), or all of them; returns how many went."""
-        versions = dict(sorted(versions.items()))
-        return sum(self.delete(r) for r in self.records() if everything or r.versions != versions)
+    def prune(self, versions: dict[str, str] | None = None, everything: bool = False) -> int:
+        """Delete stale records (not `is_current`, or not exactly `versions` when given), or all of them; returns
+        how many went."""
+        current = currency(versions)
+        return sum(self.delete(r) for r in self.records() if everything or not current(r))
 
 
 def _unique(record: KernelRecord) -> tuple[KernelKey, str]:

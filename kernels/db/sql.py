@@ -27,6 +27,7 @@ from moetune.kernels.db.records import (
     KernelRecord,
     _canonical,
 )
+from moetune.kernels.db.versions import currency
 
 # --- SQL ---------------------------------------------------------------------------------------------------
 
@@ -252,12 +253,17 @@ class SQLKernelDB(KernelDB):
             where = sa.and_(*(_KERNELS.c[c] == row[c] for c in _KEY_COLUMNS))
             return conn.execute(_KERNELS.delete().where(where)).rowcount > 0
 
-    def prune(self, versions: dict[str, str], everything: bool = False) -> int:
-        query = _KERNELS.delete()
-        if not everything:
-            query = query.where(_KERNELS.c.versions_json != _canonical(dict(versions)))
+    def prune(self, versions: dict[str, str] | None = None, everything: bool = False) -> int:
+        if everything:
+            with self._transaction(write=True) as conn:
+                return conn.execute(_KERNELS.delete()).rowcount
+        current = currency(versions)  # per record: its backend decides which versions count
+        stale = [_to_row(r) for r in self.records() if not current(r)]
         with self._transaction(write=True) as conn:
-            return conn.execute(query).rowcount
+            for row in stale:
+                where = sa.and_(*(_KERNELS.c[c] == row[c] for c in _KEY_COLUMNS))
+                conn.execute(_KERNELS.delete().where(where))
+        return len(stale)
 
     def close(self) -> None:
         if self._engine is not None:

@@ -24,7 +24,7 @@ import torch
 
 from moetune.ir.program import MoEProgram, Problem, lower, m_bucket
 from moetune.ir.target import resolve_target
-from moetune.kernels.db import KernelDB, current_versions, default_db_path, kernel_key, open_db
+from moetune.kernels.db import KernelDB, default_db_path, kernel_key, open_db
 from moetune.kernels.registry import (
     BACKENDS,
     ImplInfo,
@@ -156,9 +156,8 @@ class LayerRunner:
         return Choice(get_impl(problem.op, spec.backend), spec, source)
 
     def _from_db(self, name: str, problem: Problem, bucket: int) -> tuple[KernelConfig | None, str]:
-        versions = current_versions()
         for target_name in self.target.lookup_names:  # a GPU's own records, then its architecture's
-            found = self.db.lookup(kernel_key(target_name, problem, bucket), versions)
+            found = self.db.lookup(kernel_key(target_name, problem, bucket))
             if found.record is not None:
                 break
         if found.stale:

@@ -168,6 +168,80 @@ def test_package_protocol_round_trip(tiny_teacher):
     torch.testing.assert_close(rebuilt.encode(HELDOUT), student.encode(HELDOUT), rtol=0, atol=1e-6)
 
 
+def test_shared_expert_with_all_neurons_kept_equals_the_teacher(tiny_teacher):
+    """Shared expert = an exact copy of the most important neurons (biases included); with K = E nothing is dropped."""
+    model, tok = tiny_teacher
+    student = moefy((model, tok), experts=4, top_k=4, calib_texts=SENTENCES, shared=48)
+    assert all(m.cfg.intermediate_size == 4 for m in student.moe_layers())
+    x = torch.randn(3, 7, 32)
+    for n, layer in enumerate(model.encoder.layer):
+        assert rel_err(student.moe_ffn(n)(x, x), _ffn_out(layer, x)) <= 1e-5
+    batch = tok(HELDOUT, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        want = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        got = student(batch["input_ids"], batch["attention_mask"]).last_hidden_state
+    assert rel_err(got, want) <= 1e-5
+    dense = 4 * 32 * 64 * 2
+    moe = 2 * (2 * 32 * 4 + 4 * 32 * 4 * 4 + 4 * 32 * 48)  # per layer: router + 4 experts of 4 + shared 48
+    assert student.ffn_flops_per_token() == moe and moe > dense  # everything kept costs more than dense
+
+
+def test_importance_split_puts_the_most_important_neurons_in_the_shared_expert(tiny_teacher):
+    from moetune.model.distill.moefy import capture_ffn_inputs, neuron_importance
+    from moetune.model.distill.student import tokenize
+
+    a = torch.randn(100, 6) * torch.tensor([1.0, 5.0, 1.0, 1.0, 0.1, 1.0])
+    w2 = torch.ones(3, 6)
+    w2[:, 3] = 10.0
+    assert neuron_importance(a, w2, "std").argsort(descending=True)[:2].tolist() == [3, 1]
+    assert neuron_importance(a + 100.0, w2, "std").argsort(descending=True)[:2].tolist() == [3, 1]  # shift-free
+    assert neuron_importance(a, w2, "abs").argmin().item() == 4
+    with pytest.raises(ValueError, match="importance"):
+        neuron_importance(a, w2, "random")
+
+    model, tok = tiny_teacher
+    student = moefy((model, tok), experts=4, top_k=1, calib_texts=SENTENCES, shared=16)
+    xs = capture_ffn_inputs(model, [tokenize(tok, sorted(SENTENCES, key=len), 64)], 8192)
+    for n, layer in enumerate(model.encoder.layer):
+        w1, b1, w2 = layer.intermediate.dense.weight, layer.intermediate.dense.bias, layer.output.dense.weight
+        act = torch.nn.functional.gelu(torch.nn.functional.linear(xs[n], w1, b1))
+        top = neuron_importance(act, w2, "std").argsort(descending=True)[:16]
+        shared = student.moe_ffn(n).shared
+        torch.testing.assert_close(shared.up.weight, w1[top], rtol=0, atol=0)
+        torch.testing.assert_close(shared.up.bias, b1[top], rtol=0, atol=0)
+        torch.testing.assert_close(shared.down.weight, w2[:, top], rtol=0, atol=0)
+        routed = student.moe_ffn(n).moe.experts.gate_up_proj.reshape(-1, 32)  # the other 48 neurons, each once
+        assert routed.shape == (48, 32)
+        assert not (routed.unsqueeze(1) == w1[top].unsqueeze(0)).all(-1).any()
+
+
+def test_retrieval_agreement():
+    from moetune.model.distill.pipeline import retrieval_agreement
+
+    torch.manual_seed(0)
+    e = torch.nn.functional.normalize(torch.randn(40, 16), dim=-1)
+    assert retrieval_agreement(e, e, 10) == 1.0
+    unrelated = torch.nn.functional.normalize(torch.randn(40, 16), dim=-1)
+    assert retrieval_agreement(unrelated, e, 10) < 0.5  # chance level is 10/39
+    # a hand-made case: points on an arc at angles pts/10; the student swaps texts 2 and 4
+    pts = torch.tensor([0.0, 1.0, 2.5, 10.0, 11.0])
+    ang = torch.stack([torch.cos(pts / 10), torch.sin(pts / 10)], dim=-1)
+    swapped = ang[[0, 1, 4, 3, 2]]
+    # nearest neighbour (k=1), teacher: 0->1, 1->0, 2->1, 3->4, 4->3
+    # student (2 at 11, 4 at 2.5): 0->1, 1->0, 2->3, 3->2, 4->1: texts 0 and 1 keep theirs
+    assert retrieval_agreement(swapped, ang, 1) == pytest.approx(2 / 5)
+
+
+def test_package_round_trip_with_a_shared_expert(tiny_teacher):
+    model, tok = tiny_teacher
+    student = moefy((model, tok), experts=4, top_k=1, calib_texts=SENTENCES, shared=16)
+    cfg = json.loads(json.dumps(student.package_config()))
+    assert cfg["shared"] == 16
+    rebuilt = MoEStudent.from_package_config(cfg, tok)
+    rebuilt.load_state_dict(student.state_dict())
+    torch.testing.assert_close(rebuilt.encode(HELDOUT), student.encode(HELDOUT), rtol=0, atol=1e-6)
+
+
 def test_bad_inputs_are_clear_errors(tiny_teacher, tmp_path):
     with pytest.raises(ValueError, match="not-a-model"):
         load_teacher(str(tmp_path / "not-a-model"))
@@ -180,6 +254,10 @@ def test_bad_inputs_are_clear_errors(tiny_teacher, tmp_path):
         moefy(tiny_teacher, experts=4, top_k=5, calib_texts=SENTENCES)
     with pytest.raises(ValueError, match="calibration"):
         moefy(tiny_teacher, experts=4, top_k=1, calib_texts=[])
+    with pytest.raises(ValueError, match=r"E=5.*shared neurons \(5\): 59"):
+        moefy(tiny_teacher, experts=5, top_k=1, calib_texts=SENTENCES, shared=5)
+    with pytest.raises(ValueError, match="shared"):
+        moefy(tiny_teacher, experts=4, top_k=1, calib_texts=SENTENCES, shared=64)
 
 
 @pytest.mark.skipif(not is_available(), reason="Debian package `fortunes` not installed")
@@ -191,6 +269,17 @@ def test_corpus_split_is_disjoint_and_fixed():
     assert all(3 <= len(t.split()) <= 96 and "\n" not in t for t in held)
     with pytest.raises(ValueError, match="split"):
         corpus("test")
+
+
+@pytest.mark.skipif(not is_available(), reason="Debian package `fortunes` not installed")
+def test_extra_training_text_never_holds_a_held_out_text():
+    from moetune.model.distill.text import extra_texts, training_texts
+
+    extra, held = extra_texts(), set(corpus("heldout"))
+    mixed = training_texts(500)
+    assert len(mixed) == len(corpus("train")) + min(500, len(extra))
+    assert not set(mixed) & held and not set(extra) & held
+    assert training_texts(500) == mixed  # a fixed order
 
 
 @pytest.mark.slow

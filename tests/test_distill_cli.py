@@ -47,6 +47,8 @@ def test_distill_packages_a_student_that_loads_and_encodes(tiny_teacher_dir, tmp
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert 0 < report["ffn_flops_ratio"] < 1 and report["speed"]["p50_ms"]["student_tuned"] > 0
+    assert report["shared"] == 12  # the default: 64 // 6 = 10, rounded up so that E=4 divides the rest
+    assert 0 <= report["heldout"]["retrieval_at10"] <= 1 and report["heldout"]["cosine_p05"] <= 1
     assert (results / "distill.csv").read_text().count("\n") == 2  # header + one row
     student = load(out)
     emb = student.encode(["Knowledge is power.", "Better late than never."])
@@ -63,5 +65,6 @@ def test_distill_packages_a_student_that_loads_and_encodes(tiny_teacher_dir, tmp
 def test_distill_bad_input(tiny_teacher_dir, tmp_path):  # noqa: F811
     _fails(runner.invoke(app, ["distill", "-e", "2", "-k", "3", "--out", str(tmp_path / "o")]), "--top-k (3)")
     _fails(runner.invoke(app, ["distill", "--teacher", str(tmp_path), "--out", str(tmp_path / "o")]), str(tmp_path))
-    bad_e = ["distill", "--teacher", str(tiny_teacher_dir), "-e", "5", "--out", str(tmp_path / "o")]
-    _fails(runner.invoke(app, bad_e), "5")
+    tiny = ["distill", "--teacher", str(tiny_teacher_dir), "-k", "1", "--out", str(tmp_path / "o")]
+    _fails(runner.invoke(app, [*tiny, "-e", "5", "--shared", "0"]), "E=5")
+    _fails(runner.invoke(app, [*tiny, "-e", "4", "--shared", "64"]), "shared")

@@ -19,6 +19,7 @@ from typing import Annotated, Any
 import typer
 
 from moetune.autotune.cli.common import JsonFlag, console, fail, print_json
+from moetune.model.distill.recipe import RECIPE
 
 
 def _bench_batches(tokenizer: Any, texts: list[str], batch_size: int, max_length: int) -> list[dict]:
@@ -54,12 +55,16 @@ def encode_speed(teacher: Any, students: dict[str, Any], batches: list[dict], re
 def _write_results(out_dir: Path, row: dict[str, Any]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "distill.csv"
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+    rows, fields = [], list(row)
+    if path.exists():  # older rows may lack newer columns: rewrite them under the union of the headers
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            fields = [*(reader.fieldnames or []), *(k for k in row if k not in (reader.fieldnames or []))]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
+        writer.writeheader()
+        writer.writerows([*rows, row])
     (out_dir / "latest.json").write_text(json.dumps(row, indent=1, default=str) + "\n")
 
 
@@ -68,9 +73,24 @@ def distill_command(
     teacher: Annotated[str, typer.Option(help="'minilm' (all-MiniLM-L6-v2, shipped on PyPI) or a local HF dir.")] = (
         "minilm"
     ),
-    experts: Annotated[int, typer.Option("--experts", "-e", min=1, help="E: experts per FFN.")] = 8,
-    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="K: experts per token.")] = 2,
-    steps: Annotated[int, typer.Option(min=0, help="End-to-end distillation steps (after the layer-wise stage).")] = 50,
+    experts: Annotated[int, typer.Option("--experts", "-e", min=1, help="E: routed experts per FFN.")] = RECIPE[
+        "experts"
+    ],
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="K: routed experts per token.")] = RECIPE["top_k"],
+    shared: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="Neurons of the always-on shared expert (the teacher's most important ones; 0: none). "
+            "Default: 1/6 of the teacher's FFN width, rounded so that E divides the rest.",
+        ),
+    ] = None,
+    steps: Annotated[int, typer.Option(min=0, help="End-to-end distillation steps (after the layer-wise stage).")] = (
+        RECIPE["steps"]
+    ),
+    layerwise_texts: Annotated[int, typer.Option(min=1, help="Training texts of the layer-wise KD stage.")] = (
+        RECIPE["layerwise_texts"]
+    ),
     target: Annotated[str, typer.Option("--target", "-t", help="Target to tune and package kernels for.")] = "cpu",
     tune_trials: Annotated[int, typer.Option(min=0, help="Trials per op and token count (0: no tuning).")] = 16,
     db: Annotated[str | None, typer.Option(help="Kernel database (default: the embedded one).")] = None,
@@ -80,9 +100,10 @@ def distill_command(
     seed: Annotated[int, typer.Option(help="Seed of the clustering and the training order.")] = 0,
     as_json: JsonFlag = False,
 ) -> None:
-    """Distil a dense teacher into an E-expert, top-K MoE student, tune its kernels, and package it.
+    """Distil a dense teacher into a shared expert + E routed experts (top-K) MoE student, tune, package it.
 
-    Example: moetune distill --teacher minilm --experts 8 --top-k 2 --steps 50 --out student.moetune
+    Example: moetune distill --teacher minilm --out student.moetune   (the default recipe; other points on the
+    quality / compute curve: --experts 8 --top-k 2 --shared 0, ...)
     """
     if top_k > experts:
         fail(f"--top-k ({top_k}) must be <= --experts ({experts})")
@@ -106,17 +127,20 @@ def distill_command(
         console=console,
         disable=as_json,
     ) as bar:
-        task = bar.add_task("moefy", total=max(steps, 1), info="clustering neurons, fitting routers")
+        task = bar.add_task("moefy", total=1, info="splitting neurons, fitting routers")
 
         def progress(info: dict[str, Any]) -> None:
             shown = {k: info[k] for k in ("loss", "cosine") if isinstance(info.get(k), float)}
             text = " ".join(f"{k} {v:.4f}" for k, v in shown.items())
-            bar.update(task, description=info.get("phase", ""), completed=info.get("step", 0), info=text)
+            total = max(int(info.get("steps", 1)), 1)
+            step = info.get("step", 0)
+            bar.update(task, description=info.get("phase", ""), total=total, completed=step, info=text)
 
         try:
             student, report = distill(
-                teacher, experts, top_k, steps, eval_texts=eval_texts, seed=seed, progress=progress
-            )
+                teacher, experts, top_k, steps, shared=shared, layerwise_texts=layerwise_texts,
+                eval_texts=eval_texts, seed=seed, progress=progress,
+            )  # fmt: skip
         except (ValueError, OSError) as exc:
             fail(str(exc).splitlines()[0])
     t_distill = time.perf_counter() - t0
@@ -132,10 +156,21 @@ def distill_command(
     if as_json:
         print_json(report)
         return
+    held, flops, speed = report["heldout"], report["ffn_flops_per_token"], report["speed"]
     console.print(
-        f"held-out cosine {report['heldout']['cosine_mean']:.4f} (min {report['heldout']['cosine_min']:.3f}); "
-        f"FFN FLOPs {100 * report['ffn_flops_ratio']:.1f}% of the teacher's; encode "
-        f"{report['speed']['speedup']['student_tuned']:.2f}x the teacher's speed (p50 per batch, same run)"
+        f"held-out ({held['texts']} texts): cosine to the teacher mean {held['cosine_mean']:.4f}, "
+        f"p05 {held['cosine_p05']:.4f}, min {held['cosine_min']:.3f}; retrieval agreement "
+        f"{held['retrieval_at10']:.3f} (share of each text's 10 nearest neighbours kept)"
+    )
+    console.print(
+        f"FFN FLOPs per token: student {flops['student']:,} / teacher {flops['teacher']:,} = "
+        f"{100 * flops['ratio']:.1f}% (router and shared expert included); shared {report['shared']} neurons + "
+        f"top-{report['top_k']} of {report['experts']} routed experts"
+    )
+    console.print(
+        f"encode speed: student {speed['speedup']['student_tuned']:.2f}x the teacher's (packaged, tuned kernels; "
+        f"p50 per batch of 64, same batches, interleaved: {speed['p50_ms']['student_tuned']:.0f} vs "
+        f"{speed['p50_ms']['teacher']:.0f} ms)"
     )
     console.print(f"package: {out}   ({report['total_seconds']:.0f} s in all)")
 
@@ -182,6 +217,10 @@ def _row(report: dict, teacher: str, experts: int, top_k: int, steps: int, seed:
         "seed": seed,
         "heldout_cosine_mean": round(report["heldout"]["cosine_mean"], 5),
         "heldout_cosine_min": round(report["heldout"]["cosine_min"], 5),
+        "heldout_cosine_p05": round(report["heldout"]["cosine_p05"], 5),
+        "retrieval_at10": round(report["heldout"]["retrieval_at10"], 4),
+        "shared": report["shared"],
+        "layerwise_texts": report["layerwise_texts"],
         "heldout_texts": report["heldout"].get("texts", math.nan),
         "ffn_flops_ratio": round(report["ffn_flops_ratio"], 4),
         "teacher_p50_ms": round(sp["p50_ms"]["teacher"], 2),

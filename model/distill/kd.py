@@ -72,12 +72,17 @@ def _hidden_loss(hs_s, hs_t, mask: torch.Tensor) -> torch.Tensor:
     return torch.stack(terms).mean()
 
 
+def _ffn_params(ffn) -> list[torch.nn.Parameter]:
+    """What distillation trains in one MoEFFN: its MoE (router + experts) and its shared expert, if any."""
+    return [*ffn.moe.parameters(), *(ffn.shared.parameters() if ffn.shared is not None else ())]
+
+
 def _trainable(student: MoEStudent, train: str) -> list[torch.nn.Parameter]:
     if train not in ("moe", "all"):
         raise ValueError(f"train must be 'moe' or 'all', got {train!r}")
     for p in student.parameters():
         p.requires_grad_(train == "all")
-    moe_params = [p for moe in student.moe_layers() for p in moe.parameters()]
+    moe_params = [p for n in student.moe_cfgs for p in _ffn_params(student.moe_ffn(n))]
     for p in moe_params:
         p.requires_grad_(True)
     return [p for p in student.parameters() if p.requires_grad]
@@ -133,17 +138,15 @@ def layerwise_kd(
     through the network, only one FFN at a time. Returns the per-layer relative error before / after.
     """
     gen = torch.Generator().manual_seed(seed)
+    outs = []  # per batch, the teacher's layer outputs on real tokens only (no padding kept in memory)
     with torch.no_grad():
-        outs = [
-            teacher(
-                input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True
-            ).hidden_states
-            for b in batches
-        ]
+        for b in batches:
+            hs = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True)
+            outs.append([_real_tokens(h, b["attention_mask"]) for h in hs.hidden_states])
     stats = []
     routing = TrainRouting(straight_through=True, aux=router_weight > 0)
-    for n in student.moe_cfgs:
-        target = torch.cat([_real_tokens(o[n + 1], b["attention_mask"]) for o, b in zip(outs, batches, strict=True)])
+    for pos, n in enumerate(student.moe_cfgs):
+        target = torch.cat([o[n + 1] for o in outs])
         x = _student_ffn_inputs(student, batches, n)
         ffn = student.moe_ffn(n)
         scale = (target - target.mean(dim=0)).pow(2).sum(dim=-1).mean()
@@ -154,7 +157,7 @@ def layerwise_kd(
                 return ((got - target).pow(2).sum(dim=-1).mean() / scale).sqrt().item()
 
         before = rel_err()
-        params = list(ffn.moe.parameters())
+        params = _ffn_params(ffn)
         for p in params:
             p.requires_grad_(True)
         opt = torch.optim.Adam(params, lr=lr)
@@ -181,7 +184,7 @@ def layerwise_kd(
                 p.requires_grad_(False)
         row = {"layer": n, "tokens": x.shape[0], "rel_err_before": before, "rel_err_after": rel_err()}
         stats.append(row)
-        note({"phase": "layerwise", **row})
+        note({"phase": "layerwise", "step": pos + 1, "steps": len(student.moe_cfgs), "loss": row["rel_err_after"]})
     return stats
 
 

@@ -11,7 +11,15 @@ clusters leave a routed error ||routed - dense|| / ||dense - mean|| of 0.244 on 
 against 0.290 / 0.481 for a random split; even the best 25% of single neurons chosen per token (no expert
 structure at all) leaves 0.124 / 0.224, since GELU activations are dense. Hence the distillation after it.
 
-Legend: N calibration tokens, H hidden, It = I_total dense intermediate, I = It / E per expert, E, K.
+Shared expert (issue #20). With `shared` = S > 0, the S most IMPORTANT neurons (neuron_importance: the RMS
+error of replacing a neuron by its mean, std_t(a_ti) * ||W2[:, i]||) are copied exactly, b1 and b2 included, into
+an always-on SharedFFN (model/distill/student.py); the routed experts split the other It - S neurons as above, so
+errors come only from dropped routed neurons. Measured on MiniLM right after moefy (256 held-out texts, no
+training; results/distill/recipes.md): E=8 K=2 (25% FLOPs) 0.775; S=256 + E=32 K=6 (33%) 0.828; S=0, E=32 K=10
+(32%) 0.842: GELU's dense activations make no few neurons dominant, so the shared expert pays off only after
+distillation (0.924 vs 0.919 after the same layer-wise stage).
+
+Legend: N calibration tokens, H hidden, It = I_total dense intermediate, I = (It - S) / E per expert, E, K, S.
 
 Biases. The dense output bias b2 is spread over the experts' down_bias so that the K chosen ones always sum to
 it (exactly K are chosen). On top, each expert carries a compensation: c_e = mean output of expert e over the
@@ -62,19 +70,25 @@ def moe_activation(hf_act) -> str:
     return _HF_ACTS[hf_act]
 
 
-def check_split(intermediate: int, experts: int, top_k: int) -> None:
+def check_split(intermediate: int, experts: int, top_k: int, shared: int = 0) -> None:
     if isinstance(experts, bool) or not isinstance(experts, int) or experts < 1:
         raise ValueError(f"experts must be a positive integer, got {experts!r}")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
-    if intermediate % experts:
-        raise ValueError(f"experts E={experts} must divide the teacher's intermediate size I={intermediate}")
+    if isinstance(shared, bool) or not isinstance(shared, int) or not 0 <= shared < intermediate:
+        raise ValueError(f"shared must be an integer in [0, I={intermediate}), got {shared!r}")
+    if (intermediate - shared) % experts:
+        raise ValueError(
+            f"experts E={experts} must divide the teacher's intermediate size I={intermediate}"
+            + (f" minus the shared neurons ({shared}): {intermediate - shared}" if shared else "")
+        )
     if top_k > experts:
         raise ValueError(f"top_k K={top_k} must be <= experts E={experts}")
 
 
 def student_config(hidden: int, intermediate: int, experts: int, top_k: int, activation: str) -> MoEConfig:
-    """The MoEConfig of one MoEfied FFN: non-gated experts of It/E neurons, unweighted top-k routing."""
+    """The MoEConfig of one MoEfied FFN: non-gated experts of `intermediate`/E neurons (the routed neurons),
+    unweighted top-k routing."""
     return MoEConfig(
         hidden_size=hidden,
         intermediate_size=intermediate // experts,
@@ -161,15 +175,29 @@ def balanced_kmeans(features: torch.Tensor, clusters: int, iters: int = 20, seed
     return assign
 
 
-def neuron_features(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, act: str):
-    """Each neuron's contribution pattern over the tokens, centred and unit-norm: (It, N).
+def neuron_features(a: torch.Tensor, w2: torch.Tensor):
+    """Each neuron's contribution pattern over the tokens, centred and unit-norm: (It, N), from a (N, It).
 
     Contribution of neuron i to token t = (a_ti - mean_t a_ti) * ||W2[:, i]||: neurons that deviate from their
     mean on the same tokens are co-activated and belong in one expert.
     """
-    a = ref.plain_act(F.linear(x, w1, b1), act)  # (N, It)
     a = (a - a.mean(dim=0)) * w2.norm(dim=0)
     return F.normalize(a.T, dim=1)
+
+
+IMPORTANCE = ("std", "abs")
+
+
+def neuron_importance(a: torch.Tensor, w2: torch.Tensor, kind: str = "std") -> torch.Tensor:
+    """Importance of each neuron (It,) from its activations a (N, It) and the output weights w2 (H, It).
+
+    "std": std_t(a_ti) * ||W2[:, i]||, the RMS error of replacing the neuron by its mean (what a dropped routed
+    neuron costs); "abs": mean_t |a_ti| * ||W2[:, i]||, the RMS size of its contribution.
+    """
+    if kind not in IMPORTANCE:
+        raise ValueError(f"importance must be one of {', '.join(IMPORTANCE)}, got {kind!r}")
+    spread = a.std(dim=0) if kind == "std" else a.abs().mean(dim=0)
+    return spread * w2.norm(dim=0)
 
 
 # ---- one layer: split + router ----------------------------------------------------------------------------
@@ -215,24 +243,42 @@ def fit_router(x: torch.Tensor, scores: torch.Tensor, ridge: float = 1e-2):
     return w[:-1].T.contiguous(), w[-1].contiguous()
 
 
-def routed_rel_err(y: torch.Tensor, ids: torch.Tensor, comp: torch.Tensor) -> float:
-    """||routed - dense|| / ||dense - mean||: the routed output (chosen experts + comps of the rest) vs all."""
+def routed_rel_err(y: torch.Tensor, ids: torch.Tensor, comp: torch.Tensor, full: torch.Tensor | None = None) -> float:
+    """||routed - dense|| / ||full - mean||: the routed output (chosen experts + comps of the rest) vs all
+    experts, relative to the whole dense FFN's output `full` (N, H) (default: the experts' sum, no shared)."""
     n, e, _ = y.shape
     chosen = torch.zeros(n, e, dtype=torch.bool).scatter_(1, ids, True).unsqueeze(-1)
     routed = torch.where(chosen, y, comp).sum(dim=1)
     dense = y.sum(dim=1)
-    return ((routed - dense).norm() / (dense - dense.mean(dim=0)).norm()).item()
+    full = dense if full is None else full
+    return ((routed - dense).norm() / (full - full.mean(dim=0)).norm()).item()
 
 
 @torch.no_grad()
-def moefy_layer(layer: nn.Module, ffn: nn.Module, x: torch.Tensor, cfg: MoEConfig, seed: int = 0):
-    """Fill ffn (a student MoEFFN) from one teacher BertLayer's FFN, given its calibration inputs x (N, H)."""
+def moefy_layer(
+    layer: nn.Module, ffn: nn.Module, x: torch.Tensor, cfg: MoEConfig, seed: int = 0, importance: str = "std"
+):
+    """Fill ffn (a student MoEFFN) from one teacher BertLayer's FFN, given its calibration inputs x (N, H).
+
+    With a shared expert (ffn.shared), it gets an exact copy of the `shared` most important neurons (b1 and b2
+    included); the routed experts split the rest.
+    """
     e, k, act = cfg.num_experts, cfg.top_k, cfg.activation
     w1, b1 = layer.intermediate.dense.weight.float(), layer.intermediate.dense.bias.float()  # (It, H), (It,)
     w2, b2 = layer.output.dense.weight.float(), layer.output.dense.bias.float()  # (H, It), (H,)
+    a = ref.plain_act(F.linear(x, w1, b1), act)  # (N, It)
+    rest = torch.arange(w1.shape[0])
+    if ffn.shared is not None:
+        order = torch.argsort(neuron_importance(a, w2, importance), descending=True)
+        keep, rest = order[: ffn.shared.up.out_features], order[ffn.shared.up.out_features :].sort().values
+        ffn.shared.up.weight.copy_(w1[keep])
+        ffn.shared.up.bias.copy_(b1[keep])
+        ffn.shared.down.weight.copy_(w2[:, keep])
+        ffn.shared.down.bias.copy_(b2)
+        b2 = torch.zeros_like(b2)
     # clustering sees at most 2048 tokens: more change the clusters little and cost linearly
-    assign = balanced_kmeans(neuron_features(x[:2048], w1, b1, w2, act), e, seed=seed)
-    idx = torch.stack([torch.nonzero(assign == c).squeeze(1) for c in range(e)])  # (E, I) neuron ids
+    assign = balanced_kmeans(neuron_features(a[:2048, rest], w2[:, rest]), e, seed=seed)
+    idx = rest[torch.stack([torch.nonzero(assign == c).squeeze(1) for c in range(e)])]  # (E, I) neuron ids
     gate_up, gate_up_b = w1[idx], b1[idx]  # (E, I, H), (E, I)
     down = w2[:, idx].permute(1, 0, 2).contiguous()  # (E, H, I)
     # fit on the first 3/4 of the (shuffled) tokens, report the routing error on the last 1/4
@@ -250,14 +296,13 @@ def moefy_layer(layer: nn.Module, ffn: nn.Module, x: torch.Tensor, cfg: MoEConfi
     moe.router.weight.copy_(rw.to(moe.router.weight.dtype))
     moe.router.bias.copy_(rb.to(moe.router.bias.dtype))
     ffn.LayerNorm.load_state_dict(layer.output.LayerNorm.state_dict())
-    held_x, held_y = x[n_fit:], y[n_fit:]
-    if held_x.shape[0] == 0:
-        held_x, held_y = x, y
+    held = slice(n_fit, None) if n_fit < x.shape[0] else slice(None)
+    held_x, held_y, full = x[held], y[held], a[held] @ w2.T
     oracle = routing_scores(held_y, comp).topk(k, dim=-1).indices
     routed = F.linear(held_x, rw, rb).topk(k, dim=-1).indices
     return {
-        "oracle_rel_err": routed_rel_err(held_y, oracle, comp),
-        "router_rel_err": routed_rel_err(held_y, routed, comp),
+        "oracle_rel_err": routed_rel_err(held_y, oracle, comp, full),
+        "router_rel_err": routed_rel_err(held_y, routed, comp, full),
         "router_recall": (routed.unsqueeze(-1) == oracle.unsqueeze(-2)).any(-1).float().mean().item(),
     }
 
@@ -273,11 +318,15 @@ def moefy(
     max_length: int | None = None,
     seed: int = 0,
     stats: list[dict] | None = None,
+    shared: int = 0,
+    importance: str = "std",
 ):
     """A MoEStudent made from teacher (a model, or the (model, tokenizer) pair of load_teacher).
 
-    Every layer's FFN becomes an MoE of `experts` experts, `top_k` active per token. `stats`, if given, receives
-    per layer the held-out routing error of the oracle choice and of the fitted router, and the router's recall.
+    Every layer's FFN becomes an MoE of `experts` experts, `top_k` active per token, beside an always-on shared
+    expert of the `shared` most important neurons (by neuron_importance `importance`) when shared > 0; the
+    routed experts split the other I - shared neurons. `stats`, if given, receives per layer the held-out
+    routing error of the oracle choice and of the fitted router, and the router's recall.
     """
     import copy
 
@@ -288,20 +337,23 @@ def moefy(
         raise ValueError("moefy needs the teacher's tokenizer: pass (model, tokenizer) or tokenizer=")
     layers = bert_layers(model)
     hf = model.config
-    check_split(hf.intermediate_size, experts, top_k)
+    check_split(hf.intermediate_size, experts, top_k, shared)
+    if importance not in IMPORTANCE:
+        raise ValueError(f"importance must be one of {', '.join(IMPORTANCE)}, got {importance!r}")
     if not calib_texts:
         raise ValueError("moefy needs calibration texts (got none)")
     max_length = max_length or teacher_max_length(model, tok)
-    cfg = student_config(hf.hidden_size, hf.intermediate_size, experts, top_k, moe_activation(hf.hidden_act))
+    act = moe_activation(hf.hidden_act)
+    cfg = student_config(hf.hidden_size, hf.intermediate_size - shared, experts, top_k, act)
     model.eval()
     by_len = sorted(calib_texts, key=len)  # batches of similar length: little padding
     batches = [tokenize(tok, by_len[i : i + 64], max_length) for i in range(0, len(by_len), 64)]
     xs = capture_ffn_inputs(model, batches, max_tokens, seed=seed)
     bert = copy.deepcopy(model).float().eval()
     bert.pooler = None  # sentence embeddings pool the last hidden state; the [CLS] pooler is dead weight
-    student = MoEStudent(bert, tok, dict.fromkeys(range(len(layers)), cfg), max_length)
+    student = MoEStudent(bert, tok, dict.fromkeys(range(len(layers)), cfg), max_length, shared)
     for n, layer in enumerate(layers):
-        layer_stats = moefy_layer(layer, student.moe_ffn(n), xs[n], cfg, seed + n)
+        layer_stats = moefy_layer(layer, student.moe_ffn(n), xs[n], cfg, seed + n, importance)
         if stats is not None:
             stats.append({"layer": n, **layer_stats})
     return student

@@ -1,9 +1,11 @@
 """Distillation: a dense BERT-style teacher -> an MoE student (MoEfication + knowledge distillation).
 
-Data flow: load_teacher(spec) -> (model, tokenizer) -> moefy (model/distill/moefy.py: experts by neuron co-activation,
-a router per layer) -> stage 1, layer by layer -> stage 2, end to end -> evaluation on the held-out split
-(mean cosine of student vs teacher sentence embeddings) and FFN FLOPs per token -> (MoEStudent, report).
-Training text is real English (model/distill/text.py, the training split); the held-out split is never trained on.
+Data flow: load_teacher(spec) -> (model, tokenizer) -> moefy (model/distill/moefy.py: a shared expert of the most
+important neurons, routed experts by neuron co-activation, a router per layer) -> stage 1, layer by layer -> stage 2,
+end to end -> evaluation on the held-out split (mean / p05 cosine of student vs teacher sentence embeddings,
+retrieval agreement at 10 neighbours) and FFN FLOPs per token -> (MoEStudent, report). The default recipe:
+model/distill/recipe.py. Training text is real English (model/distill/text.py, the training split); the held-out
+split is never trained on.
 
 Stage 1 (layerwise_kd, model/distill/kd.py), per MoE layer in order, on cached activations: the student's own
 FFN input x_s (its earlier layers already MoE) -> LayerNorm(MoE(x_s) + x_s) regressed onto the teacher's
@@ -38,8 +40,9 @@ import torch
 
 from moetune.model.distill.kd import KDParams, TrainRouting, end_to_end_kd, layerwise_kd
 from moetune.model.distill.moefy import bert_layers, moefy
+from moetune.model.distill.recipe import RECIPE, default_shared
 from moetune.model.distill.student import MoEStudent, encode_with, tokenize
-from moetune.model.distill.text import corpus
+from moetune.model.distill.text import corpus, training_texts
 
 __all__ = [
     "TEACHER_ALIASES",
@@ -96,11 +99,26 @@ def teacher_ffn_flops_per_token(teacher) -> int:
     return 4 * c.hidden_size * c.intermediate_size * c.num_hidden_layers
 
 
+def retrieval_agreement(e_s: torch.Tensor, e_t: torch.Tensor, k: int = 10) -> float:
+    """Share of each text's k nearest neighbours (cosine, itself excluded) under the teacher's embeddings e_t
+    that are also among its k nearest under the student's e_s, averaged over the texts; rows unit-norm."""
+    n = e_t.shape[0]
+    k = min(k, n - 1)
+    if k < 1:
+        return float("nan")
+    eye = torch.eye(n, dtype=torch.bool)
+    near_t = (e_t @ e_t.T).masked_fill(eye, -2.0).topk(k, dim=-1).indices  # (N, k)
+    near_s = (e_s @ e_s.T).masked_fill(eye, -2.0).topk(k, dim=-1).indices
+    hits = (near_t.unsqueeze(-1) == near_s.unsqueeze(-2)).any(dim=-1)  # (N, k)
+    return hits.float().mean().item()
+
+
 @torch.no_grad()
 def evaluate(
     student: MoEStudent, teacher, tokenizer, texts: list[str], teacher_emb: torch.Tensor | None = None
 ) -> dict[str, float]:
-    """Student vs teacher on texts: mean / min / 5th-percentile cosine of the sentence embeddings.
+    """Student vs teacher on texts: mean / min / 5th-percentile cosine of the sentence embeddings, and the
+    retrieval agreement at 10 neighbours (retrieval_agreement).
 
     The student runs its MoE layers' own forward (the MoEConfig routing); teacher_emb, if given, are the
     teacher's embeddings of texts (computed once when evaluating several times).
@@ -113,6 +131,7 @@ def evaluate(
         "cosine_mean": cos.mean().item(),
         "cosine_min": cos.min().item(),
         "cosine_p05": cos.quantile(0.05).item(),
+        "retrieval_at10": retrieval_agreement(e_s, e_t, 10),
         "texts": len(texts),
     }
 
@@ -122,28 +141,36 @@ def evaluate(
 
 def distill(
     teacher_spec: str | Path = "minilm",
-    experts: int = 8,
-    top_k: int = 2,
-    steps: int = 50,
+    experts: int = RECIPE["experts"],
+    top_k: int = RECIPE["top_k"],
+    steps: int = RECIPE["steps"],
     *,
     train_max_length: int = 128,
     calib_texts: int = 1024,
-    layerwise_epochs: int = 3,
-    layerwise_texts: int = 2048,
-    layerwise_lr: float = 1e-3,
+    layerwise_epochs: int = RECIPE["layerwise_epochs"],
+    layerwise_texts: int = RECIPE["layerwise_texts"],
+    layerwise_lr: float = RECIPE["layerwise_lr"],
     eval_texts: int | None = 512,
     eval_at: tuple[int, ...] = (),
     texts: list[str] | None = None,
     heldout: list[str] | None = None,
     seed: int = 0,
+    shared: int | None = RECIPE["shared"],
+    importance: str = "std",
+    extra_texts: int = RECIPE["extra_texts"],
     progress: Callable[[dict[str, Any]], None] | None = None,
     **kd: Any,
 ) -> tuple[MoEStudent, dict[str, Any]]:
     """MoEfy the teacher, distil it layer by layer, then end to end on real text; -> (student, report).
 
-    Defaults, measured on all-MiniLM-L6-v2 E=8 K=2 (2 shared cores): stage 1 gains more cosine per second than
-    stage 2 (3 epochs on 2048 texts: 0.776 -> 0.882; 2 epochs on 1024 texts then 100 end-to-end steps: 0.880
-    in twice the time), so the default spends most of its time there and finishes with 50 end-to-end steps.
+    Defaults (model/distill/recipe.py; results/distill/recipes.md): stage 1 gains more cosine per second than
+    stage 2 (E=8 K=2: 3 epochs on 2048 texts 0.776 -> 0.882; 2 epochs on 1024 texts then 100 end-to-end steps:
+    0.880 in twice the time), and more of its texts help most (S=256 E=32 K=6: 2048 texts 0.924, 6144 texts
+    0.938, all 12,721 at lr 3e-3 0.945), while 50 end-to-end steps after it cost 0.002; so the default spends
+    all its time there (steps=0).
+    shared: the shared expert's width (None: recipe.default_shared); importance: how its neurons are chosen
+    (moefy.neuron_importance); extra_texts: that many manual-page / documentation texts join the training text
+    (text.training_texts; measured worse on the fortunes held-out split, so 0 by default).
 
     texts / heldout default to the corpus of model/distill/text.py (training / held-out split); eval_texts caps the
     held-out texts evaluated (None: all). eval_at: end-to-end step counts after which the held-out cosine is
@@ -156,7 +183,9 @@ def distill(
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     model, tok = load_teacher(teacher_spec)
-    texts = list(corpus("train")) if texts is None else list(texts)
+    if shared is None:
+        shared = default_shared(model.config.intermediate_size, experts)
+    texts = training_texts(extra_texts) if texts is None else list(texts)
     heldout = list(corpus("heldout")) if heldout is None else list(heldout)
     if not texts or not heldout:
         raise ValueError("distill needs training and held-out texts (got none)")
@@ -164,7 +193,10 @@ def distill(
     note = progress or (lambda _info: None)
     sec: dict[str, float] = {}
     moefy_stats: list[dict] = []
-    student = moefy((model, tok), experts, top_k, texts[:calib_texts], seed=seed, stats=moefy_stats)
+    student = moefy(
+        (model, tok), experts, top_k, texts[:calib_texts], seed=seed, stats=moefy_stats, shared=shared,
+        importance=importance,
+    )  # fmt: skip
     train_max_length = min(train_max_length, student.max_length)  # never past the teacher's positions
     sec["load_moefy"] = time.perf_counter() - t0
 
@@ -214,11 +246,17 @@ def distill(
         "teacher_dir": str(resolve_teacher(teacher_spec)),
         "experts": experts,
         "top_k": top_k,
+        "shared": shared,
+        "importance": importance,
         "steps": steps,
         "batch_size": hp.batch_size,
         "lr": hp.lr,
         "train": hp.train,
         "train_texts": len(texts),
+        "extra_texts": extra_texts,
+        "layerwise_texts": layerwise_texts,
+        "layerwise_epochs": layerwise_epochs,
+        "layerwise_lr": layerwise_lr,
         "heldout": after,
         "heldout_after_moefy": after_moefy,
         "curve": curve,

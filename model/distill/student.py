@@ -2,7 +2,8 @@
 
 Data flow: tokenizer -> BertModel (embeddings, attention as the teacher's) where each chosen layer's FFN
 (intermediate.dense -> act -> output.dense -> dropout -> LayerNorm(. + residual)) is replaced by MoEFFN:
-LayerNorm(MoE(x) + x), MoE a `moetune.model.moe.MoE` (non-gated experts, `topk_hard` router) -> mean pooling
+LayerNorm(MoE(x) [+ SharedFFN(x)] + x), MoE a `moetune.model.moe.MoE` (non-gated experts, `topk_hard` router),
+SharedFFN an optional always-on dense FFN (the teacher's most important neurons, biases included) -> mean pooling
 over the attention mask -> L2 normalisation (what sentence-transformers does for all-MiniLM-L6-v2).
 
 Legend: B batch, L sequence length, T = B*L tokens, H hidden, I per-expert intermediate, E experts, K top-k.
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moetune.kernels.reference import plain_act
 from moetune.model.config import MoEConfig
 from moetune.model.moe import MoE
 
@@ -75,22 +77,42 @@ def encode_with(model: nn.Module, tokenizer, texts: list[str], max_length: int, 
     return out
 
 
+class SharedFFN(nn.Module):
+    """The always-on shared expert of a distilled FFN: down(act(up(x))), both with biases (a BERT FFN's b1, b2).
+
+    Not MoEConfig's shared expert: that one has no biases, and a dense FFN's neurons need their b1 to be copied
+    exactly. It runs as two torch Linear GEMMs (dense, every token), beside the routed MoE.
+    """
+
+    def __init__(self, hidden: int, width: int, activation: str):
+        super().__init__()
+        self.up = nn.Linear(hidden, width)
+        self.down = nn.Linear(width, hidden)
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(plain_act(self.up(x), self.activation))
+
+
 class MoEFFN(nn.Module):
-    """BertOutput with an MoE in place of intermediate+output dense: LayerNorm(MoE(x) + x).
+    """BertOutput with an MoE in place of intermediate+output dense: LayerNorm(MoE(x) [+ shared(x)] + x).
 
     Installed as `layer.output` with `layer.intermediate` an identity, so BertLayer's feed_forward_chunk
     calls forward(x, x). `train_forward`, when set (by distillation only; never packaged), replaces the MoE
-    call by a differentiable equivalent with the same forward value.
+    call by a differentiable equivalent with the same forward value. `shared` > 0 adds a SharedFFN that wide.
     """
 
-    def __init__(self, cfg: MoEConfig, eps: float):
+    def __init__(self, cfg: MoEConfig, eps: float, shared: int = 0):
         super().__init__()
         self.moe = MoE(cfg)
+        self.shared = SharedFFN(cfg.hidden_size, shared, cfg.activation) if shared else None
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=eps)
         self.train_forward: Callable[[MoE, torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
         moe_out = self.moe(hidden_states) if self.train_forward is None else self.train_forward(self.moe, hidden_states)
+        if self.shared is not None:
+            moe_out = moe_out + self.shared(hidden_states)
         return self.LayerNorm(moe_out + input_tensor)
 
 
@@ -99,18 +121,20 @@ class MoEStudent(nn.Module):
 
     package_kind = PACKAGE_KIND
 
-    def __init__(self, bert: nn.Module, tokenizer, moe_cfgs: dict[int, MoEConfig], max_length: int):
-        """bert: a BertModel whose FFNs get replaced here (their weights are dropped, MoE weights left random)."""
+    def __init__(self, bert: nn.Module, tokenizer, moe_cfgs: dict[int, MoEConfig], max_length: int, shared: int = 0):
+        """bert: a BertModel whose FFNs get replaced here (their weights are dropped, MoE weights left random);
+        shared: the width of every MoE layer's SharedFFN (0: none)."""
         super().__init__()
         self.bert = bert
         self.tokenizer = tokenizer  # not a module: stays out of the state_dict
         self.max_length = int(max_length)
         self.moe_cfgs = dict(sorted(moe_cfgs.items()))
+        self.shared = int(shared)
         eps = bert.config.layer_norm_eps
         for n, cfg in self.moe_cfgs.items():
             layer = bert.encoder.layer[n]
             layer.intermediate = nn.Identity()
-            layer.output = MoEFFN(cfg, eps)
+            layer.output = MoEFFN(cfg, eps, self.shared)
 
     def moe_ffn(self, n: int) -> MoEFFN:
         return self.bert.encoder.layer[n].output
@@ -128,7 +152,7 @@ class MoEStudent(nn.Module):
         """FFN FLOPs (2 x multiply-adds) of one token through every layer: MoE layers + any dense ones left."""
         c = self.bert.config
         dense = 4 * c.hidden_size * c.intermediate_size
-        moe = sum(cfg.flops_per_token() for cfg in self.moe_cfgs.values())
+        moe = sum(cfg.flops_per_token() + 4 * c.hidden_size * self.shared for cfg in self.moe_cfgs.values())
         return moe + dense * (c.num_hidden_layers - len(self.moe_cfgs))
 
     # ---- packaging protocol ------------------------------------------------------------------------
@@ -139,6 +163,7 @@ class MoEStudent(nn.Module):
             "moe_layers": list(self.moe_cfgs),
             "moe": [cfg.to_dict() for cfg in self.moe_cfgs.values()],
             "max_length": self.max_length,
+            "shared": self.shared,
             "pooling": "mean",
             "normalize": True,
         }
@@ -150,4 +175,5 @@ class MoEStudent(nn.Module):
         hf_cfg = BertConfig.from_dict(cfg["hf_config"])
         bert = BertModel(hf_cfg, add_pooling_layer=False)
         moe_cfgs = {int(n): MoEConfig.from_dict(d) for n, d in zip(cfg["moe_layers"], cfg["moe"], strict=True)}
-        return cls(bert.eval(), tokenizer, moe_cfgs, cfg.get("max_length", DEFAULT_MAX_LENGTH))
+        max_length = cfg.get("max_length", DEFAULT_MAX_LENGTH)
+        return cls(bert.eval(), tokenizer, moe_cfgs, max_length, cfg.get("shared", 0))

@@ -94,6 +94,101 @@ def corpus(split: str = "train", root: str | Path = FORTUNE_DIR) -> list[str]:
     return [t for t in texts if (_hash(t) % HELD_OUT_MOD == 0) == held]
 
 
+# ---- more training text: Debian's English manual pages and package documentation ---------------------------
+
+MAN_DIRS = tuple(Path("/usr/share/man") / f"man{n}" for n in (1, 5, 7, 8))  # English pages only (not man/de/ ...)
+DOC_DIR = Path("/usr/share/doc")
+_DOC_SUFFIXES = (".txt", ".md", ".rst", "")  # plus .gz of each; "" is README, NEWS, ... (not changelogs)
+_PER_FILE = 40  # paragraphs per file at most: no single manual dominates
+_DOC_NAMES = re.compile(r"^(readme|news|faq|todo|bugs|thanks|authors|usage|intro|overview|manual|guide)", re.I)
+_TROFF_ESC = re.compile(r"\\f(\[[^]]*\]|\(..|.)|\\s[-+]?\d+|\\[&/,:|^~%]|\\\*(\(..|\[[^]]*\]|.)")
+_TROFF_CHAR = {r"\-": "-", r"\(em": "--", r"\(en": "-", r"\(aq": "'", r"\(dq": '"', r"\(lq": '"', r"\(rq": '"'}
+
+
+def _read(path: Path) -> str:
+    import gzip
+
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    return raw[:200_000].decode("utf-8", errors="replace")
+
+
+def _man_paragraphs(src: str) -> list[str]:
+    """troff source -> its running-text paragraphs (requests and sections break paragraphs; escapes removed)."""
+    paras, cur = [], []
+    for line in src.splitlines():
+        if line.startswith((".", "'")):
+            if cur:
+                paras.append(" ".join(cur))
+                cur = []
+            continue
+        for k, v in _TROFF_CHAR.items():
+            line = line.replace(k, v)
+        line = _TROFF_ESC.sub("", line).replace("\\e", "\\").replace("\\", "")
+        if line.strip():
+            cur.append(line.strip())
+    return [*paras, " ".join(cur)] if cur else paras
+
+
+def _doc_paragraphs(src: str) -> list[str]:
+    """Plain text / Markdown / reST -> blank-line separated paragraphs of prose (indented code skipped)."""
+    out = []
+    for block in re.split(r"\n\s*\n", src):
+        lines = [ln for ln in block.splitlines() if ln.strip()]
+        if lines and not any(ln.startswith(("    ", "\t", "```", "$ ", "#", "|", "+-", "..")) for ln in lines):
+            out.append(" ".join(ln.strip().lstrip("*-> ").strip() for ln in lines))
+    return out
+
+
+def _doc_files() -> list[Path]:
+    files = []
+    for path in sorted(DOC_DIR.rglob("*")) if DOC_DIR.is_dir() else []:
+        stem = path.name[:-3] if path.name.endswith(".gz") else path.name
+        suffix = Path(stem).suffix.lower()
+        if path.is_file() and not path.is_symlink() and suffix in _DOC_SUFFIXES and _DOC_NAMES.match(stem):
+            files.append(path)
+    return files
+
+
+def _prose(paragraphs: list[str]) -> list[str]:
+    """Cleaned paragraphs that read as sentences: a capital first, a full stop (or ! ?) last, 6+ words."""
+    out = []
+    for para in paragraphs:
+        text = _clean(para)
+        if text and len(text.split()) >= 6 and text[0].isupper() and text[-1] in ".!?":
+            out.append(text)
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _load_extra() -> tuple[str, ...]:
+    texts = set()
+    for d in MAN_DIRS:
+        # one vendor's 16,000 generated pages (gcloud) would drown the rest: skipped
+        for path in sorted(d.glob("*.gz")) if d.is_dir() else []:
+            if not path.name.startswith("gcloud"):
+                texts.update(_prose(_man_paragraphs(_read(path)))[:_PER_FILE])
+    for path in _doc_files():
+        texts.update(_prose(_doc_paragraphs(_read(path)))[:_PER_FILE])
+    # the held-out rule applies here too (and no held-out fortune can slip in): training text only
+    held = set(_load(str(FORTUNE_DIR))) if FORTUNE_DIR.is_dir() else set()
+    return tuple(sorted((t for t in texts if _hash(t) % HELD_OUT_MOD and t not in held), key=lambda t: (_hash(t), t)))
+
+
+def extra_texts(limit: int | None = None) -> list[str]:
+    """Training-only English text from the manual pages (man1/5/7/8) and READMEs / NEWS / FAQs under
+    /usr/share/doc: paragraphs cleaned like the fortunes, none of them held out. A fixed order; [] if absent."""
+    texts = _load_extra()
+    return list(texts if limit is None else texts[:limit])
+
+
+def training_texts(extra: int = 0) -> list[str]:
+    """The fortunes' training split and up to `extra` texts of extra_texts(), interleaved evenly (a fixed order)."""
+    train, more = corpus("train"), extra_texts(extra) if extra else []
+    keyed = [((n + 0.5) / len(train), t) for n, t in enumerate(train)]
+    keyed += [((n + 0.25) / len(more), t) for n, t in enumerate(more)]
+    return [t for _, t in sorted(keyed, key=lambda kt: kt[0])]
+
+
 def is_available(root: str | Path = FORTUNE_DIR) -> bool:
     try:
         _load(str(root))

@@ -226,3 +226,24 @@ def test_from_pretrained_with_moetune_and_db_records(tmp_path):
     runner = tuned.model.layers[0].mlp.experts.__dict__["_moetune"]
     described = {d["op"]: d["source"] for d in runner.describe(16)}
     assert described["experts.gemm1"] == "db:exact"
+
+
+def test_patch_says_once_when_torch_openmp_threads_will_spin(monkeypatch):
+    """Inside a model torch's spinning OpenMP threads slow the CPU kernels: patch says so once, naming the fix, and
+    says nothing when OMP_WAIT_POLICY is set (or on one thread, or without the tvm backend)."""
+    import warnings
+
+    from moetune.model.hf import patch as patch_module
+
+    monkeypatch.setattr(patch_module, "_WARNED", set())
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    with pytest.warns(UserWarning, match="OMP_WAIT_POLICY=PASSIVE"):
+        patch(_model("qwen3_moe"), db=False)
+    for env, backends in (({}, ("tvm",)), ({"OMP_WAIT_POLICY": "PASSIVE"}, ("tvm",)), ({}, ("torch",))):
+        monkeypatch.setattr(patch_module, "_WARNED", set() if env or backends == ("torch",) else {"spin"})
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            patch(_model("qwen3_moe"), db=False, backends=backends)

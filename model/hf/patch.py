@@ -64,6 +64,7 @@ def patch(
             f"no MoE block found in {type(model).__name__}; patch() swaps moetune MoE modules and the Hugging Face "
             f"blocks {', '.join(SUPPORTED_BLOCKS)}"
         )
+    _warn_spinning_openmp(target, backends)
     handle = runtime_db(db)  # one connection for every block
     handle = False if handle is None else handle
     swapped: dict[str, nn.Module] = {}
@@ -76,6 +77,31 @@ def patch(
             tuned.pack_weights()
         swapped[name] = tuned
     return swapped
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_spinning_openmp(target: str, backends: tuple[str, ...]) -> None:
+    """Once per process: inside a model, torch's OpenMP threads busy-wait after every torch op (attention, norms)
+    and take the cores from the TVM kernels' threads. Measured on the Zen4 host (results/amd-epyc-znver4-2c-x86_64):
+    a patched 2-layer Qwen3-MoE decoded at 32.4 ms/token, 19.9 ms with OMP_WAIT_POLICY=PASSIVE. The variable is
+    read when torch loads its OpenMP runtime, so only the user can set it (before Python starts)."""
+    import os
+    import warnings
+
+    from moetune.ir.target import resolve_target
+
+    if "spin" in _WARNED or "tvm" not in backends or os.environ.get("OMP_WAIT_POLICY") or torch.get_num_threads() < 2:
+        return
+    if resolve_target(target).kind != "cpu":
+        return
+    _WARNED.add("spin")
+    warnings.warn(
+        "moetune: torch's OpenMP threads spin between ops and slow moetune's CPU kernels inside a model (decode "
+        "1.6x slower measured); start Python with OMP_WAIT_POLICY=PASSIVE",
+        stacklevel=3,
+    )
 
 
 # ---- transformers' experts interface ------------------------------------------------------------------------------

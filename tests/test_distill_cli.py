@@ -20,6 +20,7 @@ def _fails(result, needle: str) -> None:
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], result.stderr
+    assert not result.stdout.strip(), result.stdout  # nothing before the error: no progress bar, no table header
 
 
 @pytest.mark.slow

@@ -68,6 +68,22 @@ def _write_results(out_dir: Path, row: dict[str, Any]) -> None:
     (out_dir / "latest.json").write_text(json.dumps(row, indent=1, default=str) + "\n")
 
 
+def _check_before_start(teacher: str, experts: int, top_k: int, shared: int | None) -> None:
+    """The teacher and the split, checked against the teacher's config before any progress bar is drawn."""
+    import json
+
+    from moetune.model.distill.moefy import check_split
+    from moetune.model.distill.pipeline import resolve_teacher
+    from moetune.model.distill.recipe import default_shared
+
+    try:
+        config = json.loads((resolve_teacher(teacher) / "config.json").read_text())
+        intermediate = int(config["intermediate_size"])
+        check_split(intermediate, experts, top_k, default_shared(intermediate, experts) if shared is None else shared)
+    except (ValueError, OSError, KeyError, TypeError) as exc:
+        fail(str(exc).splitlines()[0] if str(exc) else f"cannot read the teacher's config: {exc!r}")
+
+
 def distill_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Package directory to write (new or empty).")],
     teacher: Annotated[str, typer.Option(help="'minilm' (all-MiniLM-L6-v2, shipped on PyPI) or a local HF dir.")] = (
@@ -109,6 +125,7 @@ def distill_command(
         fail(f"--top-k ({top_k}) must be <= --experts ({experts})")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         fail(f"{out} exists and is not empty; choose another --out")
+    _check_before_start(teacher, experts, top_k, shared)
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from transformers.utils import logging as hf_logging
 

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from moetune.kernels.packed import PackedWeight
 from moetune.model.config import MoEConfig
+from moetune.model.runtime.inplace import unpack_in_place
 
 E2E_VOCAB = 8192
 PROMPT = 8
@@ -105,10 +105,7 @@ def _unpatch(model: nn.Module, blocks: dict[str, nn.Module]) -> None:
     for name, block in blocks.items():
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, block)
-    for module in model.modules():
-        for attr, p in list(module._parameters.items()):
-            if isinstance(p, PackedWeight):
-                setattr(module, attr, nn.Parameter(p.unpack(), requires_grad=False))
+    unpack_in_place(model)
 
 
 def run_e2e(

@@ -79,3 +79,15 @@ def pack_in_place(root: nn.Module, weights: Weights, runner: LayerRunner) -> dic
         done[name] = layout
     runner.pin_layouts({op: panels[op] for op, name in _WEIGHT_OF.items() if name in done})
     return done
+
+
+def unpack_in_place(root: nn.Module) -> int:
+    """The inverse of pack_in_place: every PackedWeight parameter under `root` becomes a dense parameter again
+    (e.g. to hand the model back to code that reads the weights directly). Returns how many were unpacked."""
+    count = 0
+    for module in root.modules():
+        for attr, p in list(module._parameters.items()):
+            if isinstance(p, PackedWeight):
+                setattr(module, attr, nn.Parameter(p.unpack(), requires_grad=False))
+                count += 1
+    return count

@@ -39,6 +39,12 @@ Problem signatures (the kernel database keys on these; they are stable and docum
   gemm1  H,I,E,BM,gated,act,alpha,limit,bias,w_in  (gated: 1 = act(gate) * up from gate_up (E,2I,H), 0 = act(up)
                                                     from (E,I,H); w_in: routing weight applied to the input rows)
   gemm2  H,I,E,K,BM,bias,w_out                     (w_out: routing weight applied to the output rows)
+  qgemm1 gemm1's keys + wq,G                       quantized experts (cfg.quant): wq the code format (int8 /
+  qgemm2 gemm2's keys + wq,G                       int4), G weights per scale along the reduction; the dtype
+                                                   stays the activations'. Same launcher arguments as gemm1 /
+                                                   gemm2, the weight a QuantizedWeight (kernels/quant.py).
+The quantized GEMMs are ops of their own, not gemm1/gemm2 with a format key: the records tuned before them keep
+their signatures, and a launcher of one op always receives the same kind of weight.
 gemm1 gained `gated` with non-gated experts (issue #7): DB records from before it have another signature and are
 never looked up again (their kernel source hash is stale too).
 """
@@ -51,13 +57,16 @@ from typing import Any
 
 from moetune.model.config import MoEConfig
 
-OPS = ("route", "align", "gemm1", "gemm2")
+OPS = ("route", "align", "gemm1", "gemm2", "qgemm1", "qgemm2")
+GEMM_OF = {"gemm1": "gemm1", "gemm2": "gemm2", "qgemm1": "gemm1", "qgemm2": "gemm2"}  # an expert GEMM's dense form
 _KEYS = {
     "route": ("H", "E", "K", "router", "norm", "scale", "n_group", "topk_group", "group_score", "bias", "cbias"),
     "align": ("E", "K", "BM"),
     "gemm1": ("H", "I", "E", "BM", "gated", "act", "alpha", "limit", "bias", "w_in"),
     "gemm2": ("H", "I", "E", "K", "BM", "bias", "w_out"),
 }
+_KEYS["qgemm1"] = (*_KEYS["gemm1"], "wq", "G")
+_KEYS["qgemm2"] = (*_KEYS["gemm2"], "wq", "G")
 
 
 def _parse(text: str) -> Any:
@@ -134,6 +143,23 @@ class Problem:
     def __str__(self) -> str:
         return self.signature
 
+    @property
+    def gemm(self) -> str | None:
+        """ "gemm1" / "gemm2" for an expert GEMM, quantized or not (what its dims mean), else None."""
+        return GEMM_OF.get(self.op)
+
+    @property
+    def quant(self) -> str:
+        """The weights' code format of a quantized GEMM ("int8" / "int4"), else "none"."""
+        return self["wq"] if self.op in ("qgemm1", "qgemm2") else "none"
+
+    def dense(self) -> Problem:
+        """A quantized GEMM as the dense GEMM it computes on the dequantized weights (itself otherwise)."""
+        if self.quant == "none":
+            return self
+        dims = {k: v for k, v in self.dims if k not in ("wq", "G")}
+        return Problem.make(self.op[1:], self.dtype, **dims)
+
 
 @dataclass(frozen=True)
 class ProgramOp:
@@ -191,8 +217,13 @@ def _gemm_problems(
     act_args = {"act": cfg.activation, "alpha": 0.0, "limit": 0.0}
     if cfg.activation == "swiglu_oai":
         act_args.update(alpha=float(cfg.swiglu_alpha), limit=float(cfg.swiglu_limit))
-    g1 = Problem.make("gemm1", cfg.dtype, H=h, I=i, E=e, BM=bm, gated=cfg.gated, bias=bias, w_in=w_in, **act_args)
-    g2 = Problem.make("gemm2", cfg.dtype, H=h, I=i, E=e, K=k, BM=bm, bias=bias, w_out=not w_in)
+    # quantized: the routed experts only (the shared expert stays in the activations' dtype: model/moe.py)
+    quant = {} if cfg.quant == "none" or prefix != "experts" else {"wq": cfg.quant, "G": cfg.quant_group}
+    q = "q" if quant else ""
+    g1 = Problem.make(
+        f"{q}gemm1", cfg.dtype, H=h, I=i, E=e, BM=bm, gated=cfg.gated, bias=bias, w_in=w_in, **act_args, **quant
+    )
+    g2 = Problem.make(f"{q}gemm2", cfg.dtype, H=h, I=i, E=e, K=k, BM=bm, bias=bias, w_out=not w_in, **quant)
     return ProgramOp(f"{prefix}.gemm1", g1), ProgramOp(f"{prefix}.gemm2", g2)
 
 

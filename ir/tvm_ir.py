@@ -15,6 +15,13 @@ Weight layout. GEMM weights arrive packed in panels of P output columns, `(E, ce
 innermost loop of a tile reads P contiguous weights and vectorises (packing: kernels/tvm_cpu/launchers.py); a gated
 gemm1 interleaves its gate and up panels into `(E, ceil(I/P), H, 2P)`, a non-gated one uses plain P panels. P is the
 schedule's `nt`, which is why these builders take it: the layout is part of the schedule point.
+
+Quantized weights (qgemm1 / qgemm2, kernels/quant.py): the codes take the weight's place in the same panels,
+(E, ceil(N/P), Kd', W) with Kd' = Kd for int8 and Kd / 2 bytes for int4 (two codes per byte along the
+reduction, offset binary), and the float16 group scales sit beside them as (E, ceil(N/P), Kd/G, W). A weight
+is read as code * scale in fp32 inside the reduction (dequantized in registers, never in memory): the schedule's
+reduction unroll keeps k // G and k % 2 constant across an unrolled step, so a step is one vector load of codes,
+a widening, one scale multiply shared by the tile's rows, and the FMAs.
 """
 
 from __future__ import annotations
@@ -55,12 +62,35 @@ def _panels(n: int, p: int) -> int:
     return -(-n // p)
 
 
+def _weight(problem: Problem, experts: int, npanel: int, red: int, width: int, name: str):
+    """A GEMM's panelled weight: (its placeholders, read(e, p, k, j) -> the fp32 weight value)."""
+    if problem.quant == "none":
+        w = te.placeholder((experts, npanel, red, width), problem.dtype, name=name)
+        return [w], lambda e, p, k, j: w[e, p, k, j].astype(F32)
+    int4, group = problem.quant == "int4", problem["G"]
+    codes = te.placeholder(
+        (experts, npanel, red // 2 if int4 else red, width), "uint8" if int4 else "int8", name=f"{name}_codes"
+    )
+    scales = te.placeholder((experts, npanel, red // group, width), "float16", name=f"{name}_scales")
+
+    def read(e, p, k, j):
+        scale = scales[e, p, k // group, j].astype(F32)
+        if not int4:
+            return codes[e, p, k, j].astype(F32) * scale
+        byte = codes[e, p, k // 2, j].astype("int32")
+        nibble = (byte >> ((k % 2) * 4)) & 15
+        return (nibble - 8).astype(F32) * scale
+
+    return [codes, scales], read
+
+
 def gemm1_func(problem: Problem, panel: int) -> tvm.tirx.PrimFunc:
     """act[b, m, n] = act(x[tok[b,m]] . Wg[e_b, n] (+ bias), x[tok[b,m]] . Wu[e_b, n] (+ bias)), or for a
     non-gated problem act(x[tok[b,m]] . Wu[e_b, n] (+ bias)).
 
-    Args: x (T,H), tok (NB,BM) i32, wt (NB,BM) f32, bexp (NB,) i32, wgu (E,ceil(I/P),H,W) [, bias (E,UI)],
-    act (NB,BM,I); W = 2P, U = 2 when gated, else W = P, U = 1. A gated panel holds P gate columns then the
+    Args: x (T,H), tok (NB,BM) i32, wt (NB,BM) f32, bexp (NB,) i32, wgu (E,ceil(I/P),H,W) (qgemm1: its codes
+    and scales, module doc) [, bias (E,UI)], act (NB,BM,I);
+    W = 2P, U = 2 when gated, else W = P, U = 1. A gated panel holds P gate columns then the
     P matching up columns, so one reduction ("GU", fp32) computes gate and up together: one pass over the x
     row feeds both, and a register tile covers 2P columns. A non-gated panel is P plain up columns (the
     layout of every other GEMM) and the activation applies to the one accumulator. With w_in the routing
@@ -75,16 +105,14 @@ def gemm1_func(problem: Problem, panel: int) -> tvm.tirx.PrimFunc:
     wt = te.placeholder((nb, bm), F32, name="wt")
     bexp = te.placeholder((nb,), "int32", name="bexp")
     npanel, width = _panels(i, panel), (2 * panel if gated else panel)
-    wgu = te.placeholder((e, npanel, h, width), dt, name="wgu")
+    wgu, read = _weight(problem, e, npanel, h, width, "wgu")
     k = te.reduce_axis((0, h), name="k")
     gu = te.compute(
         (nb, bm, npanel * width),
-        lambda b, m, j: te.sum(
-            x[tok[b, m], k].astype(F32) * wgu[bexp[b], j // width, k, j % width].astype(F32), axis=k
-        ),
+        lambda b, m, j: te.sum(x[tok[b, m], k].astype(F32) * read(bexp[b], j // width, k, j % width), axis=k),
         name="GU",
     )
-    args = [x, tok, wt, bexp, wgu]
+    args = [x, tok, wt, bexp, *wgu]
     bias = te.placeholder((e, (2 if gated else 1) * i), dt, name="bias") if problem["bias"] else None
     if bias is not None:
         args.append(bias)
@@ -109,7 +137,8 @@ def gemm1_func(problem: Problem, panel: int) -> tvm.tirx.PrimFunc:
 def gemm2_func(problem: Problem, panel: int) -> tvm.tirx.PrimFunc:
     """z[b, m, n] = (act[b,m] . Wd[e_b, n] (+ bias)) (* wt[b,m] if w_out); out[t, n] = sum_k z[inv[t,k], n].
 
-    Args: act (NB,BM,I), wt (NB,BM) f32, bexp (NB,) i32, inv (T,K) i32, wd (E,ceil(H/P),I,P) [, bias (E,H)],
+    Args: act (NB,BM,I), wt (NB,BM) f32, bexp (NB,) i32, inv (T,K) i32, wd (E,ceil(H/P),I,P) (qgemm2: codes and
+    scales) [, bias (E,H)],
     z (NB,BM,H) f32 scratch, out (T,H). Blocks: "Zacc" (reduction), "Z" (epilogue), "O" (the combine).
     The combine is a fixed-order sum over K (deterministic, no atomics).
     """
@@ -119,14 +148,14 @@ def gemm2_func(problem: Problem, panel: int) -> tvm.tirx.PrimFunc:
     wt = te.placeholder((nb, bm), F32, name="wt")
     bexp = te.placeholder((nb,), "int32", name="bexp")
     inv = te.placeholder((t, k), "int32", name="inv")
-    wd = te.placeholder((e, _panels(h, panel), i, panel), dt, name="wd")
+    wd, read = _weight(problem, e, _panels(h, panel), i, panel, "wd")
     r = te.reduce_axis((0, i), name="r")
     zacc = te.compute(
         (nb, bm, h),
-        lambda b, m, n: te.sum(act[b, m, r].astype(F32) * wd[bexp[b], n // panel, r, n % panel].astype(F32), axis=r),
+        lambda b, m, n: te.sum(act[b, m, r].astype(F32) * read(bexp[b], n // panel, r, n % panel), axis=r),
         name="Zacc",
     )
-    args = [act, wt, bexp, inv, wd]
+    args = [act, wt, bexp, inv, *wd]
     bias = te.placeholder((e, h), dt, name="bias") if problem["bias"] else None
     if bias is not None:
         args.append(bias)

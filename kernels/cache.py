@@ -102,7 +102,8 @@ class BuildCache:
 
 
 def _identity(t: torch.Tensor) -> tuple:
-    storage = getattr(t, "packed", t)  # a PackedWeight (kernels/packed.py) has no storage of its own
+    # a PackedWeight or QuantizedWeight (kernels/packed.py, quant.py) has no storage of its own: its buffer's counts
+    storage = getattr(t, "packed", None) if hasattr(t, "packed") else getattr(t, "codes", t)
     return (storage.data_ptr(), storage._version, tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
 
 

@@ -4,6 +4,7 @@ Layout (ir/tvm_ir.py): a (G, N, Kd) weight, N output columns over a reduction of
 (G, ceil(N/P), Kd, P) panels of P consecutive columns, zero-padded; a gated gemm1's (G, 2I, Kd) [gate | up]
 weight interleaves its halves as (G, ceil(I/P), Kd, 2P): P gate columns, then the P matching up columns.
 
+StoredWeight is the torch side of such a weight (also the base of kernels/quant.py's QuantizedWeight).
 PackedWeight is what `TunedMoE.pack_weights()` puts in place of an expert weight parameter: a tensor of the
 original shape and dtype whose only storage is the packed buffer, so a model holds its experts once (the
 packed copy used to sit beside the original: 2-3x the weights' memory). The tvm launchers read `.packed`
@@ -70,14 +71,64 @@ def unpack(packed: torch.Tensor, n: int, panel: int, interleave: int | None = No
     return torch.cat([plain(packed[..., :panel], i), plain(packed[..., panel:], i)], dim=1)
 
 
-class PackedWeight(torch.Tensor):
+class StoredWeight(torch.Tensor):
+    """A weight of some logical shape and dtype whose storage is something else (panels, codes + scales).
+
+    Subclasses say how to get the dense values (`unpack`), how to store new dense values into their own buffers
+    (`_store`), and how to make an alias sharing those buffers (`_alias`); this class makes torch see the values
+    (see the module doc): any op on it runs on `unpack()`, an in-place op or `copy_` stores the result back."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl  # ops reach __torch_dispatch__ as plain tensors
+
+    def unpack(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _store(self, dense: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _alias(self) -> StoredWeight:
+        raise NotImplementedError
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (aten.detach.default, aten.alias.default):
+            return args[0]._alias()
+        if func is aten.copy_.default and isinstance(args[0], StoredWeight):  # load_state_dict: store in place
+            dest, src = args[0], args[1]
+            src = src.unpack() if isinstance(src, StoredWeight) else src
+            if tuple(src.shape) != tuple(dest.shape):
+                name = type(dest).__name__
+                raise RuntimeError(f"copy_ into {name}{tuple(dest.shape)} from a tensor of {tuple(src.shape)}")
+            dest._store(src.to(dest.dtype))
+            return dest
+        dense: dict[int, torch.Tensor] = {}
+
+        def unwrap(t: Any) -> Any:
+            if isinstance(t, StoredWeight):
+                dense.setdefault(id(t), t.unpack())
+                return dense[id(t)]
+            return t
+
+        out = func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
+        written = [a.name for a in func._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+        if written:  # an in-place or out= op on a stored weight: store its new values back
+            named = dict(zip((a.name for a in func._schema.arguments), args, strict=False)) | kwargs
+            for name in written:
+                target = named.get(name)
+                if isinstance(target, StoredWeight):
+                    target._store(dense[id(target)])
+                    if out is dense[id(target)]:
+                        out = target
+        return out
+
+
+class PackedWeight(StoredWeight):
     """A (G, N, Kd) weight whose storage is its packed panels (see the module doc)."""
 
     packed: torch.Tensor
     panel: int
     interleave: int | None
-
-    __torch_function__ = torch._C._disabled_torch_function_impl  # ops reach __torch_dispatch__ as plain tensors
 
     @staticmethod
     def __new__(cls, packed: torch.Tensor, shape: torch.Size, panel: int, interleave: int | None = None):
@@ -96,42 +147,15 @@ class PackedWeight(torch.Tensor):
         """The weight in its own layout: a new dense tensor."""
         return unpack(self.packed, self.shape[1], self.panel, self.interleave)
 
+    def _store(self, dense: torch.Tensor) -> None:
+        self.packed.copy_(pack(dense, self.panel, self.interleave))
+
+    def _alias(self) -> PackedWeight:
+        return PackedWeight(self.packed, self.shape, self.panel, self.interleave)
+
     def layout(self) -> tuple[int, int | None]:
         return self.panel, self.interleave
 
     def __repr__(self, *, tensor_contents: Any = None) -> str:
         gated = f", gate|up interleaved at I={self.interleave}" if self.interleave else ""
         return f"PackedWeight(shape={tuple(self.shape)}, dtype={self.dtype}, panel={self.panel}{gated})"
-
-    @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in (aten.detach.default, aten.alias.default):
-            (s,) = args
-            return cls(s.packed, s.shape, s.panel, s.interleave)
-        if func is aten.copy_.default and isinstance(args[0], cls):  # load_state_dict: repack in place
-            dest, src = args[0], args[1]
-            src = src.unpack() if isinstance(src, cls) else src
-            if tuple(src.shape) != tuple(dest.shape):
-                raise RuntimeError(f"copy_ into PackedWeight{tuple(dest.shape)} from a tensor of {tuple(src.shape)}")
-            dest.packed.copy_(pack(src.to(dest.dtype), dest.panel, dest.interleave))
-            return dest
-        dense: dict[int, torch.Tensor] = {}
-
-        def unwrap(t: Any) -> Any:
-            if isinstance(t, cls):
-                dense.setdefault(id(t), t.unpack())
-                return dense[id(t)]
-            return t
-
-        out = func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
-        written = [a.name for a in func._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
-        if written:  # an in-place or out= op on a PackedWeight: pack its new values back
-            named = dict(zip((a.name for a in func._schema.arguments), args, strict=False)) | kwargs
-            for name in written:
-                target = named.get(name)
-                if isinstance(target, cls):
-                    target.packed.copy_(pack(dense[id(target)], target.panel, target.interleave))
-                    if out is dense[id(target)]:
-                        out = target
-        return out

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from moetune.kernels.ops import Aligned
+from moetune.kernels.quant import QuantizedWeight
 from moetune.model.config import MoEConfig
 
 if TYPE_CHECKING:  # ir.program imports model.config, whose package imports this module
@@ -248,3 +249,29 @@ def gemm2(
         for k in range(al.inverse.shape[1]):
             out[t] += rows[int(al.inverse[t, k])]
     return out.to(act.dtype)
+
+
+def _dequantized(w: torch.Tensor, problem: Problem) -> torch.Tensor:
+    if not isinstance(w, QuantizedWeight) or (w.fmt, w.group) != (problem["wq"], problem["G"]):
+        fmt = getattr(w, "fmt", w.dtype)
+        raise ValueError(f"{problem.op} takes a {problem['wq']} QuantizedWeight of group {problem['G']}, got {fmt}")
+    return w.dequantized()
+
+
+def qgemm1(
+    problem: Problem, x: torch.Tensor, al: Aligned, gate_up_proj: QuantizedWeight, gate_up_bias: torch.Tensor | None
+) -> torch.Tensor:
+    """gemm1 on the dequantized weights (fp32 values c * s, kernels/quant.py)."""
+    return gemm1(problem.dense(), x, al, _dequantized(gate_up_proj, problem), gate_up_bias)
+
+
+def qgemm2(
+    problem: Problem,
+    act: torch.Tensor,
+    al: Aligned,
+    down_proj: QuantizedWeight,
+    down_bias: torch.Tensor | None,
+    num_tokens: int,
+) -> torch.Tensor:
+    """gemm2 on the dequantized weights (fp32 values c * s, kernels/quant.py)."""
+    return gemm2(problem.dense(), act, al, _dequantized(down_proj, problem), down_bias, num_tokens)

@@ -15,6 +15,10 @@ Parameters (state_dict keys), U = 2 for gated experts (cfg.gated, the default), 
   shared_expert.gate_up_proj      (UIs, H)  num_shared_experts > 0; gated like the routed experts
   shared_expert.down_proj         (H, Is)
   shared_expert.gate_weight       (1, H)    shared_expert_gate (Qwen2-MoE)
+Quantized experts (cfg.quant int8 / int4): experts.gate_up_proj and experts.down_proj are QuantizedWeights
+(kernels/quant.py: codes + group scales, quantized from the initial values) and the reference runs on their
+dequantized values; the state_dict holds those dense values (quantizing them again gives the same codes), so
+checkpoints stay plain tensors. The shared expert, the router and the biases stay in cfg.dtype.
 A non-gated config keeps the name gate_up_proj for its (up-only) projection, so one code path and one
 state_dict layout serve both kinds.
 """
@@ -27,6 +31,8 @@ import torch
 from torch import nn
 
 from moetune.kernels import reference as ref
+from moetune.kernels.packed import StoredWeight
+from moetune.kernels.quant import QuantizedWeight
 from moetune.model.config import MoEConfig
 from moetune.model.hf.blocks import hf_block_config, hf_block_weights
 
@@ -57,6 +63,24 @@ class Experts(nn.Module):
         self.down_proj = _param(e, h, i, dtype=dt, fan_in=i)
         self.gate_up_bias = _param(e, u * i, dtype=dt, fan_in=h) if cfg.expert_bias else None
         self.down_bias = _param(e, h, dtype=dt, fan_in=i) if cfg.expert_bias else None
+        if cfg.quant != "none":
+            for name in ("gate_up_proj", "down_proj"):
+                q = QuantizedWeight.of(getattr(self, name).detach(), cfg.quant, cfg.quant_group)
+                setattr(self, name, nn.Parameter(q, requires_grad=False))
+            self._register_state_dict_hook(dense_state)
+
+
+def dense_state(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """state_dict hook: weights stored in another form (StoredWeight: packed panels, codes) become dense tensors,
+    so checkpoints stay plain."""
+    for key, value in list(state_dict.items()):
+        if key.startswith(prefix) and isinstance(value, StoredWeight):
+            state_dict[key] = value.unpack()
+
+
+def _dense(w: torch.Tensor) -> torch.Tensor:
+    """A stored weight unpacked once for the reference (indexing it per expert would unpack it per expert)."""
+    return w.unpack() if isinstance(w, StoredWeight) else w
 
 
 class SharedExpert(nn.Module):
@@ -91,7 +115,7 @@ class MoE(nn.Module):
         weights, ids = self.route(x2)
         ex = self.experts
         out = ref.routed_experts(
-            x2, weights, ids, ex.gate_up_proj, ex.down_proj, ex.gate_up_bias, ex.down_bias, self.cfg
+            x2, weights, ids, _dense(ex.gate_up_proj), _dense(ex.down_proj), ex.gate_up_bias, ex.down_bias, self.cfg
         )
         if self.shared_expert is not None:
             se = self.shared_expert

@@ -34,6 +34,7 @@ from torch import nn
 
 from moetune.model.config import MoEConfig
 from moetune.model.moe import MoE
+from moetune.model.safetensors_io import load_weights, save_weights
 
 FORMAT, SCHEMA = "moetune-package", 1
 MANIFEST, META, WEIGHTS, KERNELS = "manifest.json", "moetune.json", "model.safetensors", "kernels.json"
@@ -129,8 +130,6 @@ def package(
     Everything is checked before anything is written (the model's kind and MoE blocks, the targets, the kernel
     DB); the package is written into a temporary directory beside `out_dir` and renamed into place at the end,
     so a failure never leaves a partial package (nor touches an existing one)."""
-    from safetensors.torch import save_model
-
     from moetune.ir.target import resolve_target
     from moetune.kernels.db import current_versions
 
@@ -156,7 +155,7 @@ def package(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
-        _write(model, tmp, kind, blocks, tokenizer, rows, save_model)
+        _write(model, tmp, kind, blocks, tokenizer, rows)
         files = sorted(f for f in tmp.rglob("*") if f.is_file() and f.name != MANIFEST)
         bad = [f.name for f in files if f.suffix in (".bin", ".pt", ".pth", ".pkl", ".pickle")]
         if bad:
@@ -176,7 +175,7 @@ def package(
     return out
 
 
-def _write(model: nn.Module, out: Path, kind: str, blocks: dict, tokenizer: Any, rows: list, save_model) -> None:
+def _write(model: nn.Module, out: Path, kind: str, blocks: dict, tokenizer: Any, rows: list) -> None:
     meta: dict[str, Any] = {"kind": kind, "moe_configs": {k: v.to_dict() for k, v in blocks.items()}}
     if kind == "hf-causal-lm":
         model.config.save_pretrained(out)
@@ -186,7 +185,7 @@ def _write(model: nn.Module, out: Path, kind: str, blocks: dict, tokenizer: Any,
         meta["config"] = model.package_config()
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    save_model(model, str(out / WEIGHTS), metadata={"format": "pt"})
+    save_weights(model, out / WEIGHTS)  # quantized experts as codes + scales (model/safetensors_io.py)
     (out / KERNELS).write_text(json.dumps({"schema": 1, "records": rows}, indent=1, sort_keys=True) + "\n")
     (out / META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
 
@@ -322,8 +321,6 @@ def load_tokenizer(pkg_dir: str | Path) -> Any:
 
 def load(pkg_dir: str | Path, target: str = "cpu", backends: tuple[str, ...] | None = None) -> nn.Module:
     """Verify and load a package; returns a runnable module on the package's kernels for `target`."""
-    from safetensors.torch import load_model
-
     from moetune.ir.target import resolve_target
     from moetune.kernels.registry import BACKENDS
     from moetune.model.hf.patch import patch
@@ -354,7 +351,7 @@ def load(pkg_dir: str | Path, target: str = "cpu", backends: tuple[str, ...] | N
     else:
         raise PackageError(f"{root}: unknown package kind {kind!r} (known: moe, hf-causal-lm, {', '.join(_KINDS)})")
     try:
-        missing, unexpected = load_model(model, str(root / WEIGHTS), strict=False)
+        missing, unexpected = load_weights(model, root / WEIGHTS)
     except Exception as exc:  # safetensors' own error for a file that is not safetensors; torch's size mismatch
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PackageError(f"{root}/{WEIGHTS} does not load into the packaged model: {first[:300]}") from None
@@ -362,8 +359,14 @@ def load(pkg_dir: str | Path, target: str = "cpu", backends: tuple[str, ...] | N
         raise PackageError(
             f"{root}/{WEIGHTS} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
-    if kind != "moe":
-        patch(model, **kw)
+    if kind == "moe":
+        model.pack_weights()  # stored codes (or dense weights) into the kernels' layout
+    else:
+        formats = {(c.get("quant", "none"), c.get("quant_group", 32)) for c in meta["moe_configs"].values()}
+        if len(formats) > 1:
+            raise PackageError(f"{root}/{META}: MoE blocks in different weight formats {sorted(formats)}")
+        ((quant, group),) = formats
+        patch(model, **kw, quant=None if quant == "none" else quant, quant_group=None if quant == "none" else group)
     return model.eval()
 
 

@@ -23,7 +23,8 @@ results/amd-epyc-znver3-2c-x86_64/default_nt_gpt-oss-20b_shrink4.json), then the
 with the most FMAs per load per reduction step (tiles*mt*nt/lanes FMAs against
 mt broadcasts + tiles*nt/lanes weight loads), ties to the larger mt (measured on Mixtral-8x7B gemm1, T=256:
 mt=4 x nt=8 808 ms vs mt=2 x nt=16 1003 ms); kt = 4 when it divides the reduction
-(else 2, else 1); order = "panels_outer" (weight traffic once per expert); par = "fused".
+(else 2, else 1; quantized GEMMs: G is a multiple of 32, so 4); order = "panels_outer" (weight traffic once per
+expert); par = "fused".
 
 align and route's top-k selection are sequential TVMScript (ir/tvm_script.py): their spaces are empty.
 """
@@ -64,9 +65,9 @@ def simd(target: Target) -> tuple[int, int]:
 
 def _gemm_dims(problem: Problem) -> tuple[int, int, int, int]:
     """(output width N, reduction length, BM, accumulator tiles) of a GEMM-like op."""
-    if problem.op == "gemm1":  # gated: gate and up accumulator tiles; non-gated: the up tile alone
+    if problem.gemm == "gemm1":  # gated: gate and up accumulator tiles; non-gated: the up tile alone
         return problem["I"], problem["H"], problem["BM"], 2 if problem["gated"] else 1
-    if problem.op == "gemm2":
+    if problem.gemm == "gemm2":
         return problem["H"], problem["I"], problem["BM"], 1
     return problem["E"], problem["H"], 1, 1  # route logits
 
@@ -77,6 +78,11 @@ def space(problem: Problem, target: Target) -> SearchSpace:
     lanes, vregs = simd(target)
     n, red, bm, tiles = _gemm_dims(problem)
     mts = (1,) if problem.op == "route" else MT_CHOICES
+    quant: tuple[Constraint, ...] = ()
+    if problem.quant == "int4":  # two codes per byte: an even unroll keeps k % 2 static (ir/tvm_ir.py)
+        quant = (
+            Constraint("int4_kt_even", "kt must be even for int4 codes (two per byte)", lambda p: p["kt"] % 2 == 0),
+        )
     return SearchSpace(
         problem.op,
         params=(
@@ -103,6 +109,7 @@ def space(problem: Problem, target: Target) -> SearchSpace:
                 f"nt must be < 2x the output width {n}",
                 lambda p: p["nt"] < 2 * max(n, lanes),
             ),
+            *quant,
         ),
     )
 
@@ -202,6 +209,6 @@ def scheduled_module(problem: Problem, point: Point, target: Target) -> tvm.IRMo
     if problem.op == "route":
         logits = _schedule_route(problem, point).with_attr("global_symbol", "logits")
         return tvm.IRModule({"logits": logits, "select": tvm_script.route_select_func(problem)})
-    if problem.op == "gemm1":
+    if problem.gemm == "gemm1":
         return tvm.IRModule({"main": _schedule_gemm1(problem, point)})
     return tvm.IRModule({"main": _schedule_gemm2(problem, point, simd(target)[0])})

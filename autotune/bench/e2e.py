@@ -8,9 +8,14 @@ a fixed seed (nothing downloaded). One model in memory: each round runs every pr
   tuned       the model after `patch(model, db=...)`: every MoE block a TunedMoE on the kernel DB's winners,
               the routed experts packed in place (model/runtime/inplace.py); afterwards the blocks are put back
               and the experts unpacked, so the next round's HF providers run on the dense weights again.
+  tuned-int8  the same with the routed experts quantized (patch(model, quant=...)): its round quantizes the
+  tuned-int4  dense weights, runs, and puts the dense parameters back (they stay in memory meanwhile, so its RSS
+              counts both).
 Per provider: greedy decode from an 8-token prompt (KV cache; tokens/s = 1 / p50 of the per-token step time),
 prefill of `prefill` tokens without a cache (tokens/s = prefill / p50 over the rounds), the greedy tokens (all
-providers must produce the same ones), and the process's resident memory after its round.
+providers must produce the same ones), and the process's resident memory after its round. Quality of a quantized
+provider: `agree`, the fraction of the prefill's positions whose next-token argmax equals the first provider's
+(teacher-forced, so one flipped token does not flip the rest), and whether its greedy tokens are the same.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ class E2EResult:
     decode_step_ms: list[float] = field(default_factory=list)
     prefill_ms: list[float] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
+    argmax: list[int] = field(default_factory=list)  # the prefill's next-token argmax per position
     rss_gb: float = 0.0
 
     def summary(self, prefill: int) -> dict[str, Any]:
@@ -108,6 +114,15 @@ def _unpatch(model: nn.Module, blocks: dict[str, nn.Module]) -> None:
     unpack_in_place(model)
 
 
+def _restore(model: nn.Module, saved: dict[str, nn.Parameter]) -> None:
+    """Put back the parameters a quantized round replaced (the dense originals, kept in `saved`)."""
+    for name, p in saved.items():
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if module._parameters.get(attr) is not p:
+            module._parameters[attr] = p
+
+
 def run_e2e(
     model: nn.Module,
     providers: tuple[str, ...],
@@ -131,21 +146,24 @@ def run_e2e(
         for r in range(rounds):
             for provider in providers:
                 on_step(f"round {r + 1}/{rounds}: {provider}")
-                if provider == "tuned":
-                    patch(model, db=db)
+                saved = dict(model.named_parameters()) if provider.startswith("tuned-") else {}
+                if provider.startswith("tuned"):
+                    patch(model, db=db, quant=provider.partition("-")[2] or None)
                 else:
                     model.config._experts_implementation = provider.removeprefix("hf-")
                 try:
                     model(long)  # warm-up at both shapes: kernels built or loaded, plans made
                     _greedy(model, prompt, 2)
                     start = time.perf_counter()
-                    model(long)
+                    logits = model(long).logits
                     results[provider].prefill_ms.append((time.perf_counter() - start) * 1e3)
+                    results[provider].argmax = logits[0].argmax(-1).tolist()
                     tokens, steps = _greedy(model, prompt, decode_steps)
                     results[provider].decode_step_ms += steps
                     results[provider].tokens = tokens
                     results[provider].rss_gb = max(results[provider].rss_gb, rss_bytes() / 1e9)
                 finally:
-                    if provider == "tuned":
+                    if provider.startswith("tuned"):
                         _unpatch(model, blocks)
+                        _restore(model, saved)
     return results

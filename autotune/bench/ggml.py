@@ -16,7 +16,10 @@ torch.get_num_threads() threads, on the reference layer's weights:
 The graph is built and allocated once per T (ggml-alloc's gallocr) and reused: each call copies x in (f32),
 computes, and copies the output out. Expert weights are in the cell's format (fp32 -> GGML_TYPE_F32, bf16 ->
 GGML_TYPE_BF16, fp16 -> GGML_TYPE_F16); activations are f32, as in llama.cpp (ggml converts the activations to the
-weights' vec-dot type inside mul_mat).
+weights' vec-dot type inside mul_mat). A quantized cell (cfg.quant int8 / int4) gives ggml llama.cpp's formats of
+the same bits, Q8_0 / Q4_0 (32 weights per fp16 scale), made by `ggml_quantize_chunk` from the values moetune's
+layer computes with (its dequantized codes): ggml's rounding, not moetune's, so the two differ by a quantization
+step, and the check against the reference allows that.
 
 Weight buffers, as llama.cpp chooses them (`select_weight_buft`): each expert tensor goes to the first of the CPU
 device's extra buffer types ("CPU_REPACK", "AMX", ... from `ggml_backend_dev_get_extra_bufts`) whose
@@ -46,6 +49,8 @@ import torch
 from moetune.model.config import MoEConfig
 
 WEIGHT_TYPES = {"float32": "GGML_TYPE_F32", "bfloat16": "GGML_TYPE_BF16", "float16": "GGML_TYPE_F16"}
+# quantized experts (cfg.quant): llama.cpp's own formats of the same bits, quantized by ggml from our weights' values
+QUANT_TYPES = {"int8": "GGML_TYPE_Q8_0", "int4": "GGML_TYPE_Q4_0"}
 NORM_CLAMP = 6.103515625e-5  # llama.cpp clamps the top-k weight sum to the smallest normal f16 before dividing
 PROBE_TOKENS = 512  # the token count of the MUL_MAT_ID llama.cpp asks a buffer type about
 
@@ -97,13 +102,14 @@ class GgmlMoE:
         self._free.append((g.ggml_backend_free, self.backend))
         g.ggml_backend_cpu_set_n_threads(self.backend, self.threads)
         self.device = g.ggml_backend_get_device(self.backend)
-        wtype = getattr(g, WEIGHT_TYPES[cfg.dtype])
+        self.weight_type = (QUANT_TYPES.get(cfg.quant) or WEIGHT_TYPES[cfg.dtype]).removeprefix("GGML_TYPE_")
+        wtype = getattr(g, f"GGML_TYPE_{self.weight_type}")
         h, i, e = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
         # the torch tensors ggml reads (or copies from); held so that borrowed storage outlives the graph
         self._host = {
             "router": ref.router.weight.detach().float().contiguous(),
-            "gate_up": ref.experts.gate_up_proj.detach().contiguous(),
-            "down": ref.experts.down_proj.detach().contiguous(),
+            "gate_up": self._expert_bytes(ref.experts.gate_up_proj, wtype),
+            "down": self._expert_bytes(ref.experts.down_proj, wtype),
         }
         self.weights = {
             "router": self._weight("router", g.GGML_TYPE_F32, (h, e), probe=False),
@@ -117,6 +123,19 @@ class GgmlMoE:
         self._graphs: dict[int, tuple[Any, Any, Any]] = {}  # T -> (graph, input, output)
 
     # -- weights ---------------------------------------------------------------------------------------------------
+
+    def _expert_bytes(self, w: torch.Tensor, gtype: int) -> torch.Tensor:
+        """An expert weight (E, N, Kd) as ggml stores it: the tensor itself, or for a quantized cell its values
+        quantized by ggml into `gtype` rows of Kd weights (a byte tensor)."""
+        if self.cfg.quant == "none":
+            return w.detach().contiguous()
+        g = self.g
+        dense = w.unpack().float().contiguous() if hasattr(w, "unpack") else w.detach().float().contiguous()
+        rows, per_row = dense.numel() // dense.shape[-1], dense.shape[-1]
+        out = torch.empty(rows * g.ggml_row_size(gtype, per_row), dtype=torch.uint8)
+        src = ctypes.cast(dense.data_ptr(), ctypes.POINTER(ctypes.c_float))
+        g.ggml_quantize_chunk(gtype, src, out.data_ptr(), 0, rows, per_row, None)
+        return out
 
     def _context(self, tensors: int, graph: bool = False) -> Any:
         g = self.g
@@ -251,7 +270,7 @@ class GgmlMoE:
             "library": "ggml",
             "version": _version(),
             "threads": self.threads,
-            "weight_type": WEIGHT_TYPES[self.cfg.dtype].removeprefix("GGML_TYPE_"),
+            "weight_type": self.weight_type,
             "buffers": self.buffers,
             "cpu": {f: bool(getattr(g, f"ggml_cpu_has_{f}")()) for f in ("avx2", "avx512", "avx512_bf16", "amx_int8")},
         }

@@ -14,6 +14,23 @@ console = Console(width=None if sys.stdout.isatty() else 140)
 err_console = Console(stderr=True)
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
+QuantOpt = Annotated[
+    str | None,
+    typer.Option(help="Quantized experts: int8 | int4 (weight-only, one scale per group) [default: as the dtype]."),
+]
+QuantGroupOpt = Annotated[
+    int | None, typer.Option(help="Weights per scale with --quant: 32 | 64 | 128 [default: 32 on a CPU, 128 on a GPU].")
+]
+
+
+def quantized(cfg: Any, quant: str | None, group: int | None, target_kind: str = "cpu") -> Any:
+    """cfg with --quant / --quant-group applied; a bad format or group is a one-line failure."""
+    if group is not None and quant is None:
+        fail("--quant-group needs --quant int8 or int4")
+    try:
+        return cfg.quantized(quant, group, target_kind)
+    except ValueError as exc:
+        fail(str(exc))
 
 
 def fail(message: str) -> NoReturn:

@@ -17,7 +17,7 @@ import typer
 from rich.live import Live
 from rich.table import Table
 
-from moetune.autotune.cli.common import JsonFlag, console, fail, print_json
+from moetune.autotune.cli.common import JsonFlag, QuantGroupOpt, QuantOpt, console, fail, print_json, quantized
 
 _UNITS = {"s": 1, "m": 60, "h": 3600}
 
@@ -141,6 +141,8 @@ def tune_command(
     shrink: Annotated[
         int, typer.Option(min=1, help="Divide H and I by this (as `moetune bench --shrink`: tune what it times).")
     ] = 1,
+    quant: QuantOpt = None,
+    quant_group: QuantGroupOpt = None,
     trials: Annotated[int, typer.Option(min=1, help="Trials per op and M (a study resumes up to this).")] = 32,
     time_budget: Annotated[str | None, typer.Option(help="Wall-time budget for the whole run: 600, 10m, 1h.")] = None,
     sampler: Annotated[str, typer.Option(help="tpe | cmaes | gp | random | grid")] = "tpe",
@@ -183,6 +185,7 @@ def tune_command(
     cfg = _config(model, hf_config, dtype, shrink)
     ms = parse_ints(m, "--m")
     gpu_target = _gpu_target(target, prepare)
+    cfg = quantized(cfg, quant, quant_group, "cpu" if gpu_target is None else "cuda")
     if prepare:
         _prepare(cfg, gpu_target, ms, jobs, force, as_json)
         return
@@ -200,6 +203,8 @@ def tune_command(
             m=m,
             dtype=dtype,
             shrink=shrink if shrink > 1 else None,
+            quant=quant,
+            quant_group=quant_group,
             trials=trials,
             time_budget=time_budget,
             sampler=sampler,

@@ -83,7 +83,8 @@ def _case(layer: MoE, program: MoEProgram, op: str, x: torch.Tensor, one_expert:
     if op.endswith("gemm1"):
         return (x, aligned, w, b)
     w1, b1 = _op_params(layer, f"{prefix}.gemm1")
-    act = get_impl("gemm1", "torch").fn(program.op(f"{prefix}.gemm1"), TORCH, target, x, aligned, w1, b1)
+    g1 = program.op(f"{prefix}.gemm1")
+    act = get_impl(g1.op, "torch").fn(g1, TORCH, target, x, aligned, w1, b1)
     return (act, aligned, w, b)
 
 
@@ -95,13 +96,16 @@ def _reference(program: MoEProgram, op: str, args: tuple):
     if problem.op == "align":
         weights, ids = args
         return ref.align(weights, ids, problem["E"], problem["BM"])
+    b = None if args[3] is None else args[3].float()
+    if problem.op == "qgemm1":  # the quantized weight as it is: the reference dequantizes it
+        return ref.qgemm1(problem, args[0].float(), args[1], args[2], b)
+    if problem.op == "qgemm2":
+        return ref.qgemm2(problem, args[0].float(), args[1], args[2], b, args[1].inverse.shape[0])
     if problem.op == "gemm1":
-        x, aligned, w, b = args
-        return ref.gemm1(problem, x.float(), aligned, w.float(), None if b is None else b.float())
-    act, aligned, w, b = args
-    return ref.gemm2(
-        problem, act.float(), aligned, w.float(), None if b is None else b.float(), aligned.inverse.shape[0]
-    )
+        x, aligned, w, _ = args
+        return ref.gemm1(problem, x.float(), aligned, w.float(), b)
+    act, aligned, w, _ = args
+    return ref.gemm2(problem, act.float(), aligned, w.float(), b, aligned.inverse.shape[0])
 
 
 def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -167,7 +171,7 @@ def _inputs(cfg_json: str, target_name: str, m: int, op: str, seed: int) -> tupl
         args = _case(layer, program, op, x, one)
         want = _to(_reference(program, op, args), host)
         limit = 1e-4
-        if cfg.dtype != "float32" and problem.op in ("gemm1", "gemm2"):
+        if cfg.dtype != "float32" and problem.gemm is not None:
             torch_out = _to(get_impl(problem.op, "torch").fn(problem, TORCH, target, *args), host)
             limit = 2 * _error(problem.op, torch_out, want) + 1e-3
         checks.append((name, args, want, limit))

@@ -17,6 +17,7 @@ from moetune.ir.program import Problem, route_config
 from moetune.ir.target import Target
 from moetune.kernels import reference as ref
 from moetune.kernels.ops import Aligned
+from moetune.kernels.quant import as_quantized, dequantize
 from moetune.kernels.registry import KernelConfig, register_backend, register_impl
 from moetune.schedules.space import SearchSpace
 
@@ -81,7 +82,17 @@ def _segments(al: Aligned):
     return [(e, offs[e], offs[e + 1]) for e in range(len(offs) - 1) if offs[e + 1] > offs[e]]
 
 
+def _experts(problem: Problem, w: torch.Tensor):
+    """expert e -> its (N, Kd) weight: a dense weight's slice, or a quantized GEMM's expert dequantized (only the
+    experts that have rows are, in the activations' dtype)."""
+    if problem.quant == "none":
+        return w.__getitem__
+    q = as_quantized(w, problem["wq"], problem["G"]).in_layout(None)
+    return lambda e: dequantize(q.codes[e : e + 1], q.scales[e : e + 1], q.fmt)[0].to(q.dtype)
+
+
 @register_impl("gemm1", "torch", targets=_TARGETS)
+@register_impl("qgemm1", "torch", targets=_TARGETS)
 def gemm1(
     problem: Problem,
     config: KernelConfig,
@@ -91,12 +102,12 @@ def gemm1(
     gate_up_proj: torch.Tensor,
     gate_up_bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    i = problem["I"]
+    i, weight_of = problem["I"], _experts(problem, gate_up_proj)
     rows = x[al.sorted_token.reshape(-1).long()]  # (NB*BM, H)
     # (NB*BM, UI): U = 2 gated, else 1
     pre = torch.empty(rows.shape[0], gate_up_proj.shape[1], dtype=x.dtype, device=x.device)
     for e, lo, hi in _segments(al):
-        pre[lo:hi] = F.linear(rows[lo:hi], gate_up_proj[e])
+        pre[lo:hi] = F.linear(rows[lo:hi], weight_of(e))
     pre = pre.float()
     if problem["w_in"]:
         pre = pre * al.sorted_weight.reshape(-1, 1)
@@ -110,6 +121,7 @@ def gemm1(
 
 
 @register_impl("gemm2", "torch", targets=_TARGETS)
+@register_impl("qgemm2", "torch", targets=_TARGETS)
 def gemm2(
     problem: Problem,
     config: KernelConfig,
@@ -119,11 +131,11 @@ def gemm2(
     down_proj: torch.Tensor,
     down_bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    h = problem["H"]
+    h, weight_of = problem["H"], _experts(problem, down_proj)
     rows = act.reshape(-1, act.shape[-1])  # (NB*BM, I)
     z = torch.empty(rows.shape[0], h, dtype=act.dtype, device=act.device)
     for e, lo, hi in _segments(al):
-        z[lo:hi] = F.linear(rows[lo:hi], down_proj[e])
+        z[lo:hi] = F.linear(rows[lo:hi], weight_of(e))
     z = z.float()
     if down_bias is not None:
         z = z + down_bias.float()[al.block_expert.long()].repeat_interleave(al.block_m, 0)

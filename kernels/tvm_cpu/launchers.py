@@ -24,6 +24,7 @@ from moetune.kernels.cache import TensorMemo
 from moetune.kernels.ops import Aligned, max_blocks
 from moetune.kernels.ops import check_tensor as _check
 from moetune.kernels.packed import PackedWeight, pack
+from moetune.kernels.quant import QuantizedWeight
 from moetune.kernels.registry import KernelConfig, register_backend, register_impl
 from moetune.kernels.tvm_cpu.build import build
 from moetune.schedules import tvm_cpu
@@ -62,6 +63,32 @@ def _packed(source: torch.Tensor, part: slice, panel: int, interleave: int | Non
         return pack(w if interleave is not None else w[:, part], panel, interleave)
 
     return _PACKED.get([source], make, group=(part.start, part.stop, interleave), variant=panel)
+
+
+def _quantized(source: torch.Tensor, problem: Problem, panel: int, interleave: int | None) -> list[torch.Tensor]:
+    """[codes, scales] of a quantized GEMM's weight in the panels of `panel`: a QuantizedWeight of that layout
+    as it is (quantized in place: TunedMoE.pack_weights), else re-laid out or quantized once and memoised."""
+    fmt, group = problem["wq"], problem["G"]
+    if isinstance(source, QuantizedWeight) and (source.fmt, source.group) != (fmt, group):
+        raise ValueError(f"{problem.op} needs {fmt} weights of group {group}, got {source!r}")
+
+    def make() -> QuantizedWeight:
+        if isinstance(source, QuantizedWeight):
+            return source.in_layout(panel, interleave)
+        return QuantizedWeight.of(source.detach(), fmt, group, panel, interleave)
+
+    if isinstance(source, QuantizedWeight) and source.layout() == (panel, interleave):
+        q = source
+    else:
+        q = _PACKED.get([source], make, group=("q", interleave), variant=panel)
+    return [q.codes, q.scales]
+
+
+def _weight_args(problem: Problem, source: torch.Tensor, panel: int, interleave: int | None) -> list[torch.Tensor]:
+    """The kernel arguments of a GEMM's weight: its packed panels, or a quantized one's codes and scales."""
+    if problem.quant != "none":
+        return _quantized(source, problem, panel, interleave)
+    return [_packed(source, slice(None), panel, interleave)]
 
 
 @register_impl("route", "tvm")
@@ -108,6 +135,7 @@ def align(problem: Problem, config: KernelConfig, target: Target, weights: torch
 
 
 @register_impl("gemm1", "tvm")
+@register_impl("qgemm1", "tvm")
 def gemm1(
     problem: Problem,
     config: KernelConfig,
@@ -118,7 +146,7 @@ def gemm1(
     gate_up_bias: torch.Tensor | None,
 ) -> torch.Tensor:
     h, i, e, bm, gated = problem["H"], problem["I"], problem["E"], problem["BM"], problem["gated"]
-    _check("gate_up_proj", gate_up_proj, (e, (2 if gated else 1) * i, h), x.dtype)
+    _check("gate_up_proj", gate_up_proj, (e, (2 if gated else 1) * i, h), x.dtype)  # a QuantizedWeight for qgemm1
     _check("aligned rows", al.sorted_token, (al.num_blocks, bm))
     nb_all, al = al.num_blocks, al.trimmed()
     mod = _module(problem, config, target)
@@ -129,7 +157,7 @@ def gemm1(
         al.sorted_weight,
         al.block_expert,
         # gated: interleaved gate|up panels (pack_gate_up); non-gated: plain up panels (pack_panels)
-        _packed(gate_up_proj, slice(None), nt, interleave=i if gated else None),
+        *_weight_args(problem, gate_up_proj, nt, i if gated else None),
     ]
     if problem["bias"]:
         args.append(gate_up_bias.contiguous())
@@ -140,6 +168,7 @@ def gemm1(
 
 
 @register_impl("gemm2", "tvm")
+@register_impl("qgemm2", "tvm")
 def gemm2(
     problem: Problem,
     config: KernelConfig,
@@ -159,7 +188,7 @@ def gemm2(
         al.sorted_weight,
         al.block_expert,
         al.inverse,
-        _packed(down_proj, slice(None), config["nt"]),
+        *_weight_args(problem, down_proj, config["nt"], None),
     ]
     if problem["bias"]:
         args.append(down_bias.contiguous())

@@ -21,6 +21,10 @@ Router kinds (what `router` selects; the reference implementation is kernels/ref
 Any router can be group-limited (`n_group` > 1: keep the best `topk_group` groups of E/n_group experts,
 scored by `group_score`) and scaled (`routed_scaling_factor`).
 
+Quantized experts (`quant`): the routed experts' weights stored as symmetric int8 or int4 codes with one scale
+per group of `quant_group` consecutive weights along the reduction (kernels/quant.py); the router, the shared
+expert (a dense MLP every token runs), biases and activations stay in `dtype` (weight-only quantization).
+
 Experts are gated MLPs, act(x Wg^T + bg) * (x Wu^T + bu) then the down projection (`gated=True`, every
 published MoE), or plain MLPs act(x Wu^T + bu) then down (`gated=False`: BERT-style FFNs and students
 distilled from them; any activation but swiglu_oai, which needs a gate).
@@ -41,6 +45,10 @@ ROUTERS = ("softmax", "sigmoid", "topk_softmax", "topk_sigmoid", "topk_hard")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swiglu_oai")
 NON_GATED_ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")  # swiglu_oai clamps a gate and an up half
 GROUP_SCORES = ("max", "top2_sum")
+QUANTS = ("none", "int8", "int4")  # expert weight formats: as `dtype`, or int8 / int4 codes with group scales
+QUANT_GROUPS = (32, 64, 128)  # weights per scale along the reduction
+# the default group per target kind: 32 on CPUs (llama.cpp's Q8_0 / Q4_0), 128 on GPUs (GPTQ / AWQ checkpoints)
+QUANT_GROUP_DEFAULT = {"cpu": 32, "cuda": 128}
 DTYPES = ("float32", "bfloat16", "float16")
 _DTYPE_ALIASES = {
     "fp32": "float32",
@@ -90,6 +98,8 @@ class MoEConfig:
     shared_intermediate_size: int = 0  # per shared expert; they run as one MLP of the summed width
     shared_expert_gate: bool = False  # Qwen2-MoE: sigmoid(x @ w) scales the shared expert's output
     dtype: str = "float32"
+    quant: str = "none"  # expert weights: "none" (stored in dtype), "int8" or "int4" (codes + one scale per group)
+    quant_group: int = 32  # weights per scale, along the reduction (H for gate_up, I for down)
     name: str = ""  # informational label (preset or HF model type); not part of any kernel key
 
     def __post_init__(self) -> None:
@@ -135,6 +145,20 @@ class MoEConfig:
             )
         if self.shared_expert_gate and not self.num_shared_experts:
             raise ValueError("MoEConfig.shared_expert_gate needs num_shared_experts > 0")
+        self._check_quant()
+
+    def _check_quant(self) -> None:
+        _check_choice("quant", self.quant, QUANTS)
+        if self.quant == "none":
+            return
+        if self.quant_group not in QUANT_GROUPS:
+            allowed = ", ".join(map(str, QUANT_GROUPS))
+            raise ValueError(f"MoEConfig.quant_group must be one of {allowed}; got {self.quant_group!r}")
+        for name, size in (("hidden_size", self.hidden_size), ("intermediate_size", self.intermediate_size)):
+            if size % self.quant_group:
+                raise ValueError(
+                    f"MoEConfig.quant_group {self.quant_group} must divide {name} ({size}), the reduction it groups"
+                )
 
     # ---- derived quantities -------------------------------------------------------------------------
     @property
@@ -152,6 +176,22 @@ class MoEConfig:
     def up_factor(self) -> int:
         """Rows of gate_up_proj per intermediate neuron: 2 (gate and up) when gated, else 1 (up only)."""
         return 2 if self.gated else 1
+
+    @property
+    def quant_bits(self) -> int:
+        """Bits per stored expert weight code: 8 / 4 when quantized, else the dtype's width."""
+        return {"int8": 8, "int4": 4}.get(self.quant, 32 if self.dtype == "float32" else 16)
+
+    def quantized(self, quant: str | None, group: int | None = None, target_kind: str = "cpu") -> MoEConfig:
+        """This layer with its experts in `quant` (None: as it is), `group` weights per scale (None: the target
+        kind's default, QUANT_GROUP_DEFAULT). A layer already quantized another way is an error."""
+        if quant is None or quant == self.quant:
+            return self if group in (None, self.quant_group) else self.replace(quant_group=group)
+        if self.quant != "none":
+            raise ValueError(f"the layer is already {self.quant} (group {self.quant_group}); cannot make it {quant}")
+        if group is None:
+            group = QUANT_GROUP_DEFAULT.get(target_kind, QUANT_GROUP_DEFAULT["cpu"])
+        return self.replace(quant=quant, quant_group=group)
 
     def flops_per_token(self) -> int:
         """Multiply-adds x2 of one token through the layer (router + K experts + shared)."""

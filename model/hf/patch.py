@@ -43,11 +43,18 @@ def patch(
     configs: dict | None = None,
     backends: tuple[str, ...] = BACKENDS,
     pack: bool = True,
+    quant: str | None = None,
+    quant_group: int | None = None,
 ) -> dict[str, nn.Module]:
     """Swap every MoE block of `model` for a TunedMoE in place; returns {qualified name: TunedMoE}.
 
     `pack`: store each layer's routed experts once, packed for the CPU kernels (TunedMoE.pack_weights), so
-    the patched model needs no more memory than the original; a no-op on a GPU target."""
+    the patched model needs no more memory than the original; a no-op on a GPU target.
+    `quant` ("int8" / "int4"): quantize every layer's routed experts in place (TunedMoE.from_module), with
+    `quant_group` weights per scale (default 32 on a CPU, 128 on a GPU). Every layer's format is checked before
+    the first one changes."""
+    from moetune.ir.target import resolve_target
+    from moetune.model.hf.blocks import hf_block_config
     from moetune.model.runtime.plan import runtime_db
     from moetune.model.runtime.tuned import TunedMoE
 
@@ -64,6 +71,9 @@ def patch(
             f"no MoE block found in {type(model).__name__}; patch() swaps moetune MoE modules and the Hugging Face "
             f"blocks {', '.join(SUPPORTED_BLOCKS)}"
         )
+    kind = resolve_target(target).kind
+    for _, block in found:  # a bad format or group is reported before any block changes
+        (block.cfg if isinstance(block, MoE) else hf_block_config(block)).quantized(quant, quant_group, kind)
     _warn_spinning_openmp(target, backends)
     handle = runtime_db(db)  # one connection for every block
     handle = False if handle is None else handle
@@ -71,7 +81,9 @@ def patch(
     for name, block in found:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        tuned = TunedMoE.from_module(block, target=target, configs=configs, backends=backends, db=handle)
+        tuned = TunedMoE.from_module(
+            block, target=target, configs=configs, backends=backends, db=handle, quant=quant, quant_group=quant_group
+        )
         setattr(parent, attr, tuned)
         if pack:
             tuned.pack_weights()

@@ -1,4 +1,5 @@
-"""Experts stored once: the routed experts' weight parameters replaced by PackedWeights in place.
+"""Experts stored once: the routed experts' weight parameters replaced by PackedWeights (or, for a quantized
+layer, QuantizedWeights) in place.
 
 The CPU kernels read weights in panels (kernels/packed.py). Packing on the fly keeps a packed copy beside each
 original parameter, up to one per panel width a plan uses: a patched qwen3-30b-a3b layer (2.42 GB of fp32
@@ -19,7 +20,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moetune.kernels.packed import PackedWeight
+from moetune.kernels.packed import PackedWeight, StoredWeight
+from moetune.kernels.quant import QuantizedWeight
+from moetune.model.moe import dense_state
 from moetune.model.runtime.plan import PACKED_OPS, LayerRunner, Weights
 
 _WEIGHT_OF = {"experts.gemm1": "experts.gate_up_proj", "experts.gemm2": "experts.down_proj"}
@@ -32,8 +35,8 @@ def _owner_of(root: nn.Module, tensor: torch.Tensor) -> tuple[nn.Module, str] | 
         for attr, p in module._parameters.items():
             if p is None or p.shape != tensor.shape or p.dtype != tensor.dtype:
                 continue
-            if isinstance(p, PackedWeight) or isinstance(tensor, PackedWeight):
-                same = getattr(p, "packed", None) is getattr(tensor, "packed", p)
+            if isinstance(p, StoredWeight) or isinstance(tensor, StoredWeight):
+                same = _buffer(p) is _buffer(tensor)
             else:
                 same = p.data_ptr() == tensor.data_ptr() and p.stride() == tensor.stride()
             if same:
@@ -41,20 +44,36 @@ def _owner_of(root: nn.Module, tensor: torch.Tensor) -> tuple[nn.Module, str] | 
     return None
 
 
-def _dense_state(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    """state_dict hook: PackedWeights become dense tensors (checkpoints stay plain)."""
-    for key, value in list(state_dict.items()):
-        if key.startswith(prefix) and isinstance(value, PackedWeight):
-            state_dict[key] = value.unpack()
+def _buffer(t: torch.Tensor) -> torch.Tensor:
+    """What a stored weight's aliases share: its panels or its codes (a plain tensor is its own)."""
+    return getattr(t, "packed", None) if isinstance(t, PackedWeight) else getattr(t, "codes", t)
+
+
+def _stored(old: torch.Tensor, layout: tuple[int | None, int | None], quant: tuple[str, int] | None) -> torch.Tensor:
+    """`old` in `layout`: packed panels, or for a quantized layer codes + scales (quantized now if it is dense)."""
+    if quant is not None:
+        if isinstance(old, QuantizedWeight):
+            if (old.fmt, old.group) != quant:
+                raise ValueError(f"the layer is {quant[0]} (group {quant[1]}) but its weight is {old!r}")
+            return old.in_layout(*layout)
+        dense = old.unpack() if isinstance(old, StoredWeight) else old.detach()
+        return QuantizedWeight.of(dense, *quant, *layout)
+    if isinstance(old, PackedWeight) and old.layout() == layout:
+        return old
+    return PackedWeight.of(old.unpack() if isinstance(old, PackedWeight) else old.detach(), *layout)
 
 
 def pack_in_place(root: nn.Module, weights: Weights, runner: LayerRunner) -> dict[str, tuple[int, int | None]]:
     """Pack the routed experts' weights of `root` (the module owning the parameters) in place, as the runner's
     CPU kernels read them. Returns {moetune weight name: (panel, gate|up interleave or None)} for what was
-    packed; {} where the runner does not use the tvm backend. The caller must drop its own references to the
-    old weights (memoised conversions) for their storage to be freed."""
+    packed; {} where the runner does not use the tvm backend. A quantized layer (runner.cfg.quant) stores codes
+    and scales (kernels/quant.py) instead, quantizing dense weights now, in the natural layout (panel None) where
+    the runner does not use the tvm backend. The caller must drop its own references to the old weights
+    (memoised conversions) for their storage to be freed."""
+    cfg = runner.cfg
+    quant = None if cfg.quant == "none" else (cfg.quant, cfg.quant_group)
     panels = runner.layouts()
-    if not panels:
+    if not panels and quant is None:
         return {}
     program = runner.plan(1).program
     done: dict[str, tuple[int, int | None]] = {}
@@ -65,29 +84,33 @@ def pack_in_place(root: nn.Module, weights: Weights, runner: LayerRunner) -> dic
             continue  # a converted copy: packed on the fly by the kernels
         module, attr = found
         problem = program.op(op)
-        interleave = problem["I"] if op == "experts.gemm1" and problem["gated"] else None
-        layout = (panels[op], interleave)
+        panel = panels.get(op)
+        interleave = problem["I"] if op == "experts.gemm1" and problem["gated"] and panel is not None else None
+        layout = (panel, interleave)
         old = module._parameters[attr]
-        if not (isinstance(old, PackedWeight) and old.layout() == layout):
-            dense = old.unpack() if isinstance(old, PackedWeight) else old.detach()
-            packed = PackedWeight.of(dense, *layout)
-            del dense, old
-            setattr(module, attr, nn.Parameter(packed, requires_grad=False))
+        new = _stored(old, layout, quant)
+        if new is not old:
+            del old
+            setattr(module, attr, nn.Parameter(new, requires_grad=False))
         if not getattr(module, "_moetune_dense_state", False):
-            module._register_state_dict_hook(_dense_state)
+            module._register_state_dict_hook(dense_state)
             module._moetune_dense_state = True
         done[name] = layout
-    runner.pin_layouts({op: panels[op] for op, name in _WEIGHT_OF.items() if name in done})
+    runner.pin_layouts({op: panels[op] for op, name in _WEIGHT_OF.items() if name in done and op in panels})
     return done
 
 
 def unpack_in_place(root: nn.Module) -> int:
     """The inverse of pack_in_place: every PackedWeight parameter under `root` becomes a dense parameter again
-    (e.g. to hand the model back to code that reads the weights directly). Returns how many were unpacked."""
+    (e.g. to hand the model back to code that reads the weights directly). Returns how many were unpacked.
+    Quantized weights stay quantized (their layout goes back to natural): dense values would be a new model."""
     count = 0
     for module in root.modules():
         for attr, p in list(module._parameters.items()):
             if isinstance(p, PackedWeight):
                 setattr(module, attr, nn.Parameter(p.unpack(), requires_grad=False))
+                count += 1
+            elif isinstance(p, QuantizedWeight) and p.panel is not None:
+                setattr(module, attr, nn.Parameter(p.in_layout(None), requires_grad=False))
                 count += 1
     return count

@@ -101,6 +101,8 @@ class TunedMoE(nn.Module):
         self.router = Router(cfg)
         self.experts = Experts(cfg)
         self.shared_expert = SharedExpert(cfg) if cfg.num_shared_experts else None
+        if cfg.quant != "none":
+            self.pack_weights()  # codes + scales in the kernels' layout
 
     @classmethod
     def from_module(
@@ -110,10 +112,15 @@ class TunedMoE(nn.Module):
         configs: dict[str, ConfigSpec] | None = None,
         backends: tuple[str, ...] = BACKENDS,
         db: Any = None,
+        quant: str | None = None,
+        quant_group: int | None = None,
     ) -> TunedMoE:
         """A TunedMoE sharing `module`'s parameters (no copy), same state_dict keys and values.
 
-        `module`: a moetune MoE or TunedMoE, or a Hugging Face MoE block of a supported family."""
+        `module`: a moetune MoE or TunedMoE, or a Hugging Face MoE block of a supported family.
+        `quant` ("int8" / "int4"): the routed experts' weights are quantized in place (kernels/quant.py; the
+        module's own parameters become the codes, so its memory drops 4x / 8x in fp32), `quant_group` weights per
+        scale (default: 32 on a CPU, 128 on a GPU). A quantized module's format is kept as it is."""
         if isinstance(module, TunedMoE):
             module = module.as_moe()
         if isinstance(module, MoE):
@@ -125,14 +132,19 @@ class TunedMoE(nn.Module):
                 f"TunedMoE.from_module takes a moetune MoE or a Hugging Face MoE block "
                 f"({', '.join(SUPPORTED_BLOCKS)}), got {type(module).__name__}"
             )
+        runner = LayerRunner(cfg, target, configs, backends, db)
+        cfg = cfg.quantized(quant, quant_group, runner.target.kind)
+        if cfg is not runner.cfg:
+            runner = LayerRunner(cfg, target, configs, backends, db)
         tuned = cls.__new__(cls)
         nn.Module.__init__(tuned)
-        tuned.cfg, tuned._owner = cfg, owner
-        tuned.runner = LayerRunner(cfg, target, configs, backends, db)
+        tuned.cfg, tuned._owner, tuned.runner = cfg, owner, runner
         for name, child in children:
             tuned.add_module(name, child)
         if isinstance(owner, _OwnParameters) and "shared_expert" not in tuned._modules:
             tuned.shared_expert = None  # an MoE without a shared expert has no such child
+        if quant is not None:
+            tuned.pack_weights()  # quantized now, in the kernels' layout (a quantized module's are laid out on use)
         return tuned
 
     def as_moe(self) -> MoE:

@@ -1,0 +1,169 @@
+"""Quantized expert weights: moetune's own int8 / int4 format, quantization, and QuantizedWeight.
+
+Format (weight-only, symmetric, per group). A (G, N, Kd) weight (N output columns over a reduction of Kd) is cut
+into groups of `group` consecutive weights along Kd; each group keeps one scale s = max|w| / qmax (qmax 127 for
+int8, 7 for int4) stored as float16 (as llama.cpp's Q8_0 / Q4_0 store theirs), and each weight the code
+c = clamp(round(w / s), -qmax - 1, qmax). The weight's value is c * s. Round-to-nearest, deterministic, no
+calibration data; `quantization_error` reports what it costs per tensor.
+  codes   int8: (G, N, Kd) int8.  int4: (G, N, Kd/2) uint8, two codes per byte along Kd in offset binary:
+          byte = (c[2j] + 8) | (c[2j+1] + 8) << 4, so a code is (byte & 15) - 8 or (byte >> 4) - 8.
+  scales  (G, N, Kd/group) float16.
+Quantizing the dequantized values gives the same codes back (the extreme of each group is exactly +-qmax * s).
+
+Layout. Like PackedWeight (kernels/packed.py), a QuantizedWeight keeps its codes and scales in the CPU kernels'
+panel layout (both packed along N with the same `pack`, gate|up interleaved for a gated gemm1): the codes as
+(G, ceil(N/P), Kd', W), the scales as (G, ceil(N/P), Kd/group, W). Panel None keeps the natural layout above
+(what the GPU kernels and the torch backend read, and what a package stores).
+
+QuantizedWeight is a tensor of the original shape and activation dtype whose only storage is the codes and
+scales: torch ops see the dequantized values (kernels/packed.py's StoredWeight), an in-place write
+(`load_state_dict` of dense values) re-quantizes into the same buffers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from moetune.kernels.packed import StoredWeight, pack, unpack
+
+QMAX = {"int8": 127, "int4": 7}
+SCALE_DTYPE = torch.float16
+
+
+def _check(w: torch.Tensor, fmt: str, group: int) -> None:
+    if fmt not in QMAX:
+        raise ValueError(f"quantized weight format must be one of {', '.join(QMAX)}; got {fmt!r}")
+    if w.dim() != 3:
+        raise ValueError(f"quantize takes (G, N, Kd) weights, got shape {tuple(w.shape)}")
+    if group < 1 or w.shape[2] % group or (fmt == "int4" and group % 2):
+        raise ValueError(f"quant group {group} must divide the reduction length {w.shape[2]} (and be even for int4)")
+
+
+def quantize(w: torch.Tensor, fmt: str, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G, N, Kd) float weight -> (codes, scales) in the natural layout (module doc). Round to nearest."""
+    _check(w, fmt, group)
+    g, n, kd = w.shape
+    qmax = QMAX[fmt]
+    blocks = w.detach().float().reshape(g, n, kd // group, group)
+    scales = (blocks.abs().amax(dim=-1) / qmax).to(SCALE_DTYPE)
+    inv = 1.0 / scales.float().clamp_min(torch.finfo(torch.float32).tiny)
+    codes = (blocks * inv.unsqueeze(-1)).round_().clamp_(-qmax - 1, qmax).reshape(g, n, kd).to(torch.int8)
+    if fmt == "int4":
+        nib = (codes + 8).to(torch.uint8)
+        codes = nib[..., 0::2] | (nib[..., 1::2] << 4)
+    return codes, scales
+
+
+def decode(codes: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Natural-layout codes -> (G, N, Kd) int8 code values."""
+    if fmt == "int8":
+        return codes
+    low = (codes & 15).to(torch.int8) - 8
+    high = (codes >> 4).to(torch.int8) - 8
+    return torch.stack((low, high), dim=-1).reshape(*codes.shape[:-1], 2 * codes.shape[-1])
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Natural-layout (codes, scales) -> the (G, N, Kd) fp32 weight they stand for."""
+    values = decode(codes, fmt).float()
+    group = values.shape[-1] // scales.shape[-1]
+    return (values.reshape(*scales.shape, group) * scales.float().unsqueeze(-1)).reshape(values.shape)
+
+
+def quantization_error(w: torch.Tensor, fmt: str, group: int) -> float:
+    """Norm-wise relative error of `w` quantized and dequantized (reported per tensor, never asserted)."""
+    deq = dequantize(*quantize(w, fmt, group), fmt)
+    ref = w.detach().double()
+    return ((deq.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+class QuantizedWeight(StoredWeight):
+    """A (G, N, Kd) weight stored as codes + group scales (module doc), in panels of `panel` or natural (None)."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    fmt: str
+    group: int
+    panel: int | None
+    interleave: int | None
+
+    @staticmethod
+    def __new__(cls, codes, scales, shape, dtype, fmt: str, group: int, panel=None, interleave=None):
+        t = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=codes.device)
+        t.codes, t.scales, t.fmt, t.group, t.panel, t.interleave = codes, scales, fmt, group, panel, interleave
+        return t
+
+    @classmethod
+    def of(
+        cls, w: torch.Tensor, fmt: str, group: int, panel: int | None = None, interleave: int | None = None
+    ) -> QuantizedWeight:
+        """Quantize `w` (G, N, Kd) and store it in panels of `panel` columns (None: natural layout)."""
+        codes, scales = quantize(w, fmt, group)
+        return cls.from_parts(codes, scales, w.shape, w.dtype, fmt, group, panel, interleave)
+
+    @classmethod
+    def from_parts(cls, codes, scales, shape, dtype, fmt, group, panel=None, interleave=None) -> QuantizedWeight:
+        """From natural-layout codes and scales (a package's), laid out in `panel` (no re-quantization)."""
+        g, n, kd = shape
+        want = ((g, n, kd if fmt == "int8" else kd // 2), (g, n, kd // group))
+        if (tuple(codes.shape), tuple(scales.shape)) != want:
+            got = (tuple(codes.shape), tuple(scales.shape))
+            raise ValueError(f"{fmt} codes/scales of a {tuple(shape)} weight must be {want}, got {got}")
+        if panel is not None:
+            codes, scales = pack(codes, panel, interleave), pack(scales, panel, interleave)
+        return cls(codes, scales, torch.Size(shape), dtype, fmt, group, panel, interleave)
+
+    def natural(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes, scales) in the natural layout (views when already natural)."""
+        if self.panel is None:
+            return self.codes, self.scales
+        n = self.shape[1]
+        return unpack(self.codes, n, self.panel, self.interleave), unpack(self.scales, n, self.panel, self.interleave)
+
+    def in_layout(self, panel: int | None, interleave: int | None = None) -> QuantizedWeight:
+        """The same codes in another layout (itself when it is that layout already)."""
+        if (panel, interleave) == (self.panel, self.interleave):
+            return self
+        return QuantizedWeight.from_parts(
+            *self.natural(), self.shape, self.dtype, self.fmt, self.group, panel, interleave
+        )
+
+    def dequantized(self) -> torch.Tensor:
+        """The values c * s in fp32 (what the kernels compute with): a new dense tensor."""
+        return dequantize(*self.natural(), self.fmt)
+
+    def unpack(self) -> torch.Tensor:
+        """The dequantized weight in this weight's dtype: a new dense tensor."""
+        return self.dequantized().to(self.dtype)
+
+    def _store(self, dense: torch.Tensor) -> None:
+        fresh = QuantizedWeight.of(dense, self.fmt, self.group, self.panel, self.interleave)
+        self.codes.copy_(fresh.codes)
+        self.scales.copy_(fresh.scales)
+
+    def _alias(self) -> QuantizedWeight:
+        return QuantizedWeight(
+            self.codes, self.scales, self.shape, self.dtype, self.fmt, self.group, self.panel, self.interleave
+        )
+
+    def layout(self) -> tuple[int | None, int | None]:
+        return self.panel, self.interleave
+
+    def nbytes_stored(self) -> int:
+        return self.codes.nbytes + self.scales.nbytes
+
+    def __repr__(self, *, tensor_contents: Any = None) -> str:
+        where = "natural" if self.panel is None else f"panel={self.panel}"
+        return f"QuantizedWeight(shape={tuple(self.shape)}, dtype={self.dtype}, {self.fmt} group={self.group}, {where})"
+
+
+def as_quantized(w: torch.Tensor, fmt: str, group: int) -> QuantizedWeight:
+    """`w` as a QuantizedWeight of `fmt` / `group`: itself when it is one (of that format, else ValueError), else
+    quantized now (natural layout): what a quantized GEMM's launcher does with a dense weight it is handed."""
+    if isinstance(w, QuantizedWeight):
+        if (w.fmt, w.group) != (fmt, group):
+            raise ValueError(f"expected {fmt} weights of group {group}, got {w!r}")
+        return w
+    return QuantizedWeight.of(w.detach(), fmt, group)

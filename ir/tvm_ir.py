@@ -63,25 +63,46 @@ def _panels(n: int, p: int) -> int:
 
 
 def _weight(problem: Problem, experts: int, npanel: int, red: int, width: int, name: str):
-    """A GEMM's panelled weight: (its placeholders, read(e, p, k, j) -> the fp32 weight value)."""
+    """A GEMM's panelled weight: (its placeholders, value(e, p, k, j) as fp32, scale(e, p, g, j) or None).
+
+    Dense: value is the weight and scale None. Quantized: value is the code (int4: nibble - 8) and scale the fp32
+    scale of group g = k // G, applied once per group by `_accumulate`."""
     if problem.quant == "none":
         w = te.placeholder((experts, npanel, red, width), problem.dtype, name=name)
-        return [w], lambda e, p, k, j: w[e, p, k, j].astype(F32)
+        return [w], lambda e, p, k, j: w[e, p, k, j].astype(F32), None
     int4, group = problem.quant == "int4", problem["G"]
     codes = te.placeholder(
         (experts, npanel, red // 2 if int4 else red, width), "uint8" if int4 else "int8", name=f"{name}_codes"
     )
     scales = te.placeholder((experts, npanel, red // group, width), "float16", name=f"{name}_scales")
 
-    def read(e, p, k, j):
-        scale = scales[e, p, k // group, j].astype(F32)
+    def code(e, p, k, j):
         if not int4:
-            return codes[e, p, k, j].astype(F32) * scale
-        byte = codes[e, p, k // 2, j].astype("int32")
-        nibble = (byte >> ((k % 2) * 4)) & 15
-        return (nibble - 8).astype(F32) * scale
+            return codes[e, p, k, j].astype(F32)
+        nibble = (codes[e, p, k // 2, j].astype("int32") >> ((k % 2) * 4)) & 15
+        return (nibble - 8).astype(F32)
 
-    return [codes, scales], read
+    return [codes, scales], code, lambda e, p, g, j: scales[e, p, g, j].astype(F32)
+
+
+def _accumulate(problem: Problem, shape: tuple, red: int, lhs, where, value, scale, name: str) -> te.Tensor:
+    """name[b, m, j] = sum_k lhs(b, m, k) * weight(k, j) in fp32, the weight at `where(b, j, k)` -> (e, p, k, jj).
+
+    Quantized (scale given), in two levels: "<name>_part"[b, m, g, j] sums the G products of group g with the
+    codes alone, then name sums the groups times their scale: one scale multiply per group instead of per
+    weight (the schedule computes the part of one group of one register tile at a time)."""
+    if scale is None:
+        k = te.reduce_axis((0, red), name="k")
+        return te.compute(shape, lambda b, m, j: te.sum(lhs(b, m, k) * value(*where(b, j, k)), axis=k), name=name)
+    group = problem["G"]
+    kk = te.reduce_axis((0, group), name="kk")
+    part = te.compute(
+        (*shape[:2], red // group, shape[2]),
+        lambda b, m, g, j: te.sum(lhs(b, m, g * group + kk) * value(*where(b, j, g * group + kk)), axis=kk),
+        name=f"{name}_part",
+    )
+    g = te.reduce_axis((0, red // group), name="g")
+    return te.compute(shape, lambda b, m, j: te.sum(part[b, m, g, j] * scale(*where(b, j, g)), axis=g), name=name)
 
 
 def gemm1_func(problem: Problem, panel: int) -> tvm.tirx.PrimFunc:
@@ -105,12 +126,16 @@ def gemm1_func(problem: Problem, panel: int) -> tvm.tirx.PrimFunc:
     wt = te.placeholder((nb, bm), F32, name="wt")
     bexp = te.placeholder((nb,), "int32", name="bexp")
     npanel, width = _panels(i, panel), (2 * panel if gated else panel)
-    wgu, read = _weight(problem, e, npanel, h, width, "wgu")
-    k = te.reduce_axis((0, h), name="k")
-    gu = te.compute(
+    wgu, value, scale = _weight(problem, e, npanel, h, width, "wgu")
+    gu = _accumulate(
+        problem,
         (nb, bm, npanel * width),
-        lambda b, m, j: te.sum(x[tok[b, m], k].astype(F32) * read(bexp[b], j // width, k, j % width), axis=k),
-        name="GU",
+        h,
+        lambda b, m, k: x[tok[b, m], k].astype(F32),
+        lambda b, j, k: (bexp[b], j // width, k, j % width),
+        value,
+        scale,
+        "GU",
     )
     args = [x, tok, wt, bexp, *wgu]
     bias = te.placeholder((e, (2 if gated else 1) * i), dt, name="bias") if problem["bias"] else None
@@ -148,12 +173,16 @@ def gemm2_func(problem: Problem, panel: int) -> tvm.tirx.PrimFunc:
     wt = te.placeholder((nb, bm), F32, name="wt")
     bexp = te.placeholder((nb,), "int32", name="bexp")
     inv = te.placeholder((t, k), "int32", name="inv")
-    wd, read = _weight(problem, e, _panels(h, panel), i, panel, "wd")
-    r = te.reduce_axis((0, i), name="r")
-    zacc = te.compute(
+    wd, value, scale = _weight(problem, e, _panels(h, panel), i, panel, "wd")
+    zacc = _accumulate(
+        problem,
         (nb, bm, h),
-        lambda b, m, n: te.sum(act[b, m, r].astype(F32) * read(bexp[b], n // panel, r, n % panel), axis=r),
-        name="Zacc",
+        i,
+        lambda b, m, r: act[b, m, r].astype(F32),
+        lambda b, n, r: (bexp[b], n // panel, r, n % panel),
+        value,
+        scale,
+        "Zacc",
     )
     args = [act, wt, bexp, inv, *wd]
     bias = te.placeholder((e, h), dt, name="bias") if problem["bias"] else None

@@ -32,6 +32,7 @@ align and route's top-k selection are sequential TVMScript (ir/tvm_script.py): t
 from __future__ import annotations
 
 from functools import cache
+from typing import Any
 
 import tvm
 
@@ -139,8 +140,12 @@ def default_point(problem: Problem, target: Target) -> Point:
 
 
 # ---- applying a point --------------------------------------------------------------------------------------
-def _tile_accumulators(sch, out_block, acc_blocks, point: Point, rows_split: bool):
-    """Tile `out_block` (.., m, n) and compute each accumulator block in registers per tile."""
+def _tile_accumulators(sch, out_block, acc_blocks, point: Point, rows_split: bool, parts: bool = False):
+    """Tile `out_block` (.., m, n) and compute each accumulator block in registers per tile.
+
+    `parts`: each accumulator sums per-group partials "<acc>_part" (a quantized GEMM, ir/tvm_ir.py): the
+    accumulator's reduction is the groups, and the part of one group is computed in registers inside it, its
+    own reduction unrolled by kt."""
     loops = sch.get_loops(out_block)
     if rows_split:  # (b, m, n)
         b, m, n = loops
@@ -156,35 +161,49 @@ def _tile_accumulators(sch, out_block, acc_blocks, point: Point, rows_split: boo
         sch.reorder(outer, inner, ni)
         anchor = inner  # outer, inner
     depth = 3 if rows_split else 2
-    for name in acc_blocks:
-        blk = sch.get_sblock(name)
-        sch.compute_at(blk, anchor)
-        sch.set_scope(blk, 0, "local")
-        *spatial, red = sch.get_loops(blk)[depth:]  # (mi), (ni), k: compute_at drops unit loops
-        ko, ki = sch.split(red, [None, point["kt"]])
+
+    def registers(blk, red, kt: int) -> Any:
+        """The block's reduction loop outermost, split by kt; its tile (rows, columns) unrolled and vectorised."""
+        *spatial, _ = sch.get_loops(blk)[red:]
+        ko, ki = sch.split(sch.get_loops(blk)[-1], [None, kt])
         sch.reorder(ko, ki, *spatial)
         if spatial:  # empty only for a 1-column, 1-row tile (a one-expert route)
             sch.vectorize(spatial[-1])
         if len(spatial) == 2:
             sch.unroll(spatial[0])
         sch.unroll(ki)
+        return ko
+
+    for name in acc_blocks:
+        blk = sch.get_sblock(name)
+        sch.compute_at(blk, anchor)
+        sch.set_scope(blk, 0, "local")
+        group_loop = registers(blk, depth, 1 if parts else point["kt"])  # (mi), (ni), k: compute_at drops unit loops
+        if parts:
+            part = sch.get_sblock(f"{name}_part")
+            sch.compute_at(part, group_loop)
+            sch.set_scope(part, 0, "local")
+            registers(part, depth + 1, point["kt"])
     fused = point["par"] == "fused"
     sch.parallel(sch.fuse(outer, inner) if fused else outer)  # before decompose_reduction, or s_tir refuses
     sch.vectorize(ni)
     for name in acc_blocks:  # the accumulator's init goes above the reduction loop ko
         blk = sch.get_sblock(name)
         sch.decompose_reduction(blk, sch.get_loops(blk)[depth - fused])
+        if parts:  # the part's init inside the group loop, above its own reduction
+            part = sch.get_sblock(f"{name}_part")
+            sch.decompose_reduction(part, sch.get_loops(part)[depth + 1 - fused])
 
 
 def _schedule_gemm1(problem: Problem, point: Point):
     sch = tvm.s_tir.Schedule(tvm_ir.gemm1_func(problem, point["nt"]))
-    _tile_accumulators(sch, sch.get_sblock("A"), ("GU",), point, rows_split=True)
+    _tile_accumulators(sch, sch.get_sblock("A"), ("GU",), point, rows_split=True, parts=problem.quant != "none")
     return sch.mod["main"]
 
 
 def _schedule_gemm2(problem: Problem, point: Point, lanes: int):
     sch = tvm.s_tir.Schedule(tvm_ir.gemm2_func(problem, point["nt"]))
-    _tile_accumulators(sch, sch.get_sblock("Z"), ("Zacc",), point, rows_split=True)
+    _tile_accumulators(sch, sch.get_sblock("Z"), ("Zacc",), point, rows_split=True, parts=problem.quant != "none")
     combine = sch.get_sblock("O")
     t, n = sch.get_loops(combine)
     _, ni = sch.split(n, [None, lanes])

@@ -110,6 +110,7 @@ def test_bench_bad_input_exits_2():
         (["bench", "--model", "qwen9"], "unknown preset 'qwen9'"),  # tune's name for the same flag
         (["bench", "--providers", "reference,gpu"], "unknown provider(s) gpu"),
         (["bench", "--dtype", "int8"], "dtype must be one of"),
+        (["bench", "-p", "qwen3-30b-a3b", "--quant", "fp8"], "quant must be one of none, int8, int4"),
     ]:
         result = runner.invoke(app, args)
         assert result.exit_code == 2, (args, result.output)
@@ -134,6 +135,9 @@ def test_tune_bad_input_exits_2(tmp_path):
         ([*small, "--sampler", "bayes"], "unknown sampler 'bayes'"),
         ([*small, "--time-budget", "ten minutes"], "--time-budget must look like"),
         ([*small, "--m", "1,a"], "--m must be comma-separated integers"),
+        ([*small, "--quant", "fp8", "--db", str(tmp_path / "k.db")], "quant must be one of none, int8, int4"),
+        ([*small, "--quant", "int4", "--quant-group", "48", "--db", str(tmp_path / "k.db")], "one of 32, 64, 128"),
+        ([*small, "--quant-group", "64", "--db", str(tmp_path / "k.db")], "--quant-group needs --quant"),
         ([*small, "--db", str(corrupt)], "is not an SQLite file"),
         ([*small, "--ops", "experts.gemm9", "--db", str(tmp_path / "k.db")], "no op of the program matches"),
         ([*small, "--m", "1000000000", "--db", str(tmp_path / "k.db")], "GiB of memory"),

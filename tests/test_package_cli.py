@@ -74,6 +74,31 @@ def test_cli_bad_input(hf_dir, tmp_path):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
     _fails(runner.invoke(app, ["package", str(hf_dir), str(tmp_path / "full")]), "exists and is not empty")
+    out = tmp_path / "q"
+    _fails(runner.invoke(app, ["package", str(hf_dir), str(out), "--quant", "int8"]), "must divide hidden_size (48)")
+    _fails(runner.invoke(app, ["package", str(hf_dir), str(out), "--quant-group", "64"]), "--quant-group needs --quant")
+    _fails(runner.invoke(app, ["package", str(moe_pkg), str(out), "--quant", "int4"]), "Hugging Face model directory")
+    assert not out.exists()
+
+
+def test_a_quantized_package_runs_from_the_cli(tmp_path):
+    from test_quant import _qwen3
+
+    model = _qwen3()
+    model.save_pretrained(tmp_path / "src")
+    out, db = tmp_path / "pkg", tmp_path / "none.db"
+    open_db(db).close()
+    result = runner.invoke(
+        app, ["package", str(tmp_path / "src"), str(out), "--quant", "int4", "--db", str(db), "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    meta = json.loads((out / "moetune.json").read_text())
+    assert {c["quant"] for c in meta["moe_configs"].values()} == {"int4"}
+    dense_bytes = sum(p.nbytes for p in model.parameters())
+    assert json.loads(result.stdout)["files"]["model.safetensors"]["bytes"] < 0.7 * dense_bytes
+    result = runner.invoke(app, ["run", str(out), "--ids", "1,2,3", "--max-new-tokens", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.stdout)["completion"]) == 3
 
 
 def test_a_model_without_tokenizer_runs_from_token_ids(tmp_path):

@@ -230,3 +230,53 @@ def test_a_quantized_config_builds_quantized_layers():
     tuned.load_state_dict(moe.state_dict())
     x = torch.randn(9, cfg.hidden_size)
     assert rel_err(tuned(x), moe(x)) <= 1e-5
+
+
+# ---- a whole Hugging Face model: patch, package, load ---------------------------------------------------------
+def _qwen3(tmp_seed: int = 0):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.AutoConfig.for_model(
+        "qwen3_moe", hidden_size=64, moe_intermediate_size=64, num_experts=8, num_experts_per_tok=2,
+        num_attention_heads=4, num_key_value_heads=4, vocab_size=128, num_hidden_layers=2,
+        max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(tmp_seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, experts_implementation="eager").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape) / p.shape[-1] ** 0.5)
+    return model
+
+
+def test_patch_quantizes_every_block_and_the_package_keeps_the_codes(tmp_path):
+    import copy
+
+    from safetensors import safe_open
+
+    from moetune.kernels.db import MemoryKernelDB
+    from moetune.model import load, package, patch
+
+    model = _qwen3()
+    dense = copy.deepcopy(model)
+    with pytest.raises(ValueError, match="quant_group must be one of"):
+        patch(model, quant="int8", quant_group=48, db=False)
+    assert not any(isinstance(m, TunedMoE) for m in model.modules())  # checked before any block changed
+    blocks = patch(model, quant="int8", db=False)
+    experts = [p for n, p in model.named_parameters() if "experts" in n]
+    assert len(blocks) == 2 and len(experts) == 4 and all(isinstance(p, QuantizedWeight) for p in experts)
+    with torch.no_grad():  # the dense model on the values the codes stand for
+        dense_experts = [p for n, p in dense.named_parameters() if "experts" in n]
+        for p, q in zip(dense_experts, experts, strict=True):
+            p.copy_(q.dequantized())
+    ids = torch.randint(0, 128, (1, 12))
+    with torch.no_grad():
+        got, want = model(ids).logits, dense(ids).logits
+    assert rel_err(got, want) <= 1e-4
+    pkg = package(model, tmp_path / "lm", db=MemoryKernelDB())
+    with safe_open(str(pkg / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+    assert sum(k.endswith(".codes") for k in keys) == 4 and not any(k.endswith("experts.down_proj") for k in keys)
+    loaded = load(pkg)
+    assert all(isinstance(p, QuantizedWeight) for n, p in loaded.named_parameters() if "experts" in n)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, got)

@@ -126,10 +126,13 @@ def measure_machine(
 
 # ---- the layer's work and traffic ---------------------------------------------------------------------------------
 def expert_bytes(cfg: MoEConfig) -> int:
-    """Bytes of one routed expert's weights (gate_up + down, and their biases)."""
+    """Bytes of one routed expert's weights (gate_up + down, and their biases); quantized: codes + fp16 scales."""
     h, i, u = cfg.hidden_size, cfg.intermediate_size, cfg.up_factor
-    params = u * i * h + h * i + ((u * i + h) if cfg.expert_bias else 0)
-    return params * torch.finfo(cfg.torch_dtype).bits // 8
+    size = torch.finfo(cfg.torch_dtype).bits // 8
+    weights, biases = u * i * h + h * i, ((u * i + h) if cfg.expert_bias else 0)
+    if cfg.quant == "none":
+        return (weights + biases) * size
+    return weights * cfg.quant_bits // 8 + weights // cfg.quant_group * 2 + biases * size
 
 
 def layer_bytes(cfg: MoEConfig, tokens: int, experts_touched: float) -> float:

@@ -41,6 +41,13 @@ def bench_command(
             "float32 with --preset; bfloat16 on a GPU."
         ),
     ] = None,
+    quant: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated expert weight formats, each its own cells: none, int8, int4 (weight-only, one "
+            "fp16 scale per 32 weights; the ggml provider runs llama.cpp's Q8_0 / Q4_0 there). Default: none."
+        ),
+    ] = None,
     providers: Annotated[
         str | None,
         typer.Option(
@@ -153,8 +160,14 @@ def bench_command(
     dtypes = [d.strip() for d in dtype.split(",") if d.strip()] if dtype else None
     dtypes = dtypes or (["bfloat16"] if gpu else list(DEFAULT_DTYPES if matrix else ("float32",)))
     factor = shrink if shrink is not None else (4 if matrix and not gpu else 1)
+    quants = [q.strip() for q in (quant or "none").split(",") if q.strip()] or ["none"]
     try:
-        configs = [MoEConfig.preset(name, dtype=d).shrunk(factor) for d in dtypes for name in preset or DEFAULT_PRESETS]
+        configs = [
+            MoEConfig.preset(name, dtype=d).shrunk(factor).quantized(None if q == "none" else q)
+            for q in quants
+            for d in dtypes
+            for name in preset or DEFAULT_PRESETS
+        ]
     except ValueError as exc:
         fail(str(exc))
     where = machine_name(device)

@@ -11,7 +11,16 @@ from typing import Annotated, Any
 import typer
 from rich.text import Text
 
-from moetune.autotune.cli.common import JsonFlag, console, err_console, fail, parse_ints, print_json
+from moetune.autotune.cli.common import (
+    JsonFlag,
+    QuantGroupOpt,
+    QuantOpt,
+    console,
+    err_console,
+    fail,
+    parse_ints,
+    print_json,
+)
 
 TargetOpt = Annotated[
     list[str] | None,
@@ -42,20 +51,42 @@ def package_command(
     target: TargetOpt = None,
     db: Annotated[str | None, typer.Option(help="Kernel database path or URL (default: the embedded one).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Write into a non-empty OUT (files are replaced).")] = False,
+    quant: QuantOpt = None,
+    quant_group: QuantGroupOpt = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Package a model with its tuned kernel records: safetensors weights, JSON configs, a SHA-256 manifest.
 
-    Example: moetune package ./my-qwen-moe ./my-qwen-moe.moetune --target cpu
+    With --quant the routed experts are quantized first and the package stores their codes and scales (`moetune
+    run` / load() run them as they are). Example: moetune package ./my-qwen-moe ./my-qwen-moe.moetune --quant int8
     """
-    from moetune.model.packaging import PackageError, package, read_manifest
+    from moetune.model.packaging import PackageError, is_package, package, read_manifest
 
     if not source.exists():
         fail(f"{source} does not exist")
+    if quant_group is not None and quant is None:
+        fail("--quant-group needs --quant int8 or int4")
+    if quant is not None and is_package(source):
+        fail("--quant quantizes a Hugging Face model directory; package the model again from its directory")
+    if quant is not None and (source / "config.json").is_file():  # the format fits the model: checked before loading
+        from moetune.model import MoEConfig
+
+        try:
+            MoEConfig.from_hf(source).quantized(quant, quant_group)
+        except ValueError as exc:
+            fail(str(exc))
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         fail(f"{out} exists and is not empty; choose another directory or pass --overwrite")
     with console.status(f"loading {source}"):
         model, tokenizer = _load_source(source)
+    if quant is not None:
+        from moetune.model import patch
+
+        try:
+            with console.status(f"quantizing the experts to {quant}"):
+                patch(model, db=False, quant=quant, quant_group=quant_group)
+        except ValueError as exc:
+            fail(str(exc))
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         try:

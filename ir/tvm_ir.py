@@ -17,11 +17,10 @@ gemm1 interleaves its gate and up panels into `(E, ceil(I/P), H, 2P)`, a non-gat
 schedule's `nt`, which is why these builders take it: the layout is part of the schedule point.
 
 Quantized weights (qgemm1 / qgemm2, kernels/quant.py): the codes take the weight's place in the same panels,
-(E, ceil(N/P), Kd', W) with Kd' = Kd for int8 and Kd / 2 bytes for int4 (two codes per byte along the
-reduction, offset binary), and the float16 group scales sit beside them as (E, ceil(N/P), Kd/G, W). A weight
-is read as code * scale in fp32 inside the reduction (dequantized in registers, never in memory): the schedule's
-reduction unroll keeps k // G and k % 2 constant across an unrolled step, so a step is one vector load of codes,
-a widening, one scale multiply shared by the tile's rows, and the FMAs.
+(E, ceil(N/P), Kd, W) int8, or for int4 (E, ceil(N/P), Kd, W/2) bytes whose low nibble is column c and high
+nibble column c + W/2 (offset binary), and the float16 group scales sit beside them as (E, ceil(N/P), Kd/G, W).
+Codes are widened to fp32 in registers (never dequantized in memory) and summed per group of G, then each
+group's sum is scaled once (`_accumulate`).
 """
 
 from __future__ import annotations
@@ -65,32 +64,44 @@ def _panels(n: int, p: int) -> int:
 def _weight(problem: Problem, experts: int, npanel: int, red: int, width: int, name: str):
     """A GEMM's panelled weight: (its placeholders, value(e, p, k, j) as fp32, scale(e, p, g, j) or None).
 
-    Dense: value is the weight and scale None. Quantized: value is the code (int4: nibble - 8) and scale the fp32
-    scale of group g = k // G, applied once per group by `_accumulate`."""
+    Dense: value is the weight and scale None. Quantized: value is the code and scale the fp32 scale of group
+    g = k // G, applied once per group by `_accumulate`. An int4 value is the nibble itself, code + 8: the 8 is
+    taken off once per group (`_accumulate`'s offset), not once per weight."""
     if problem.quant == "none":
         w = te.placeholder((experts, npanel, red, width), problem.dtype, name=name)
         return [w], lambda e, p, k, j: w[e, p, k, j].astype(F32), None
     int4, group = problem.quant == "int4", problem["G"]
+    half = width // 2  # int4: byte c of a panel row holds columns c and c + W/2 (kernels/quant.py)
     codes = te.placeholder(
-        (experts, npanel, red // 2 if int4 else red, width), "uint8" if int4 else "int8", name=f"{name}_codes"
+        (experts, npanel, red, half if int4 else width), "uint8" if int4 else "int8", name=f"{name}_codes"
     )
     scales = te.placeholder((experts, npanel, red // group, width), "float16", name=f"{name}_scales")
 
     def code(e, p, k, j):
         if not int4:
             return codes[e, p, k, j].astype(F32)
-        nibble = (codes[e, p, k // 2, j].astype("int32") >> ((k % 2) * 4)) & 15
-        return (nibble - 8).astype(F32)
+        return ((codes[e, p, k, j % half].astype("int32") >> (j // half * 4)) & 15).astype(F32)
 
     return [codes, scales], code, lambda e, p, g, j: scales[e, p, g, j].astype(F32)
 
 
-def _accumulate(problem: Problem, shape: tuple, red: int, lhs, where, value, scale, name: str) -> te.Tensor:
+def _group_sums(problem: Problem, rows: tuple, red: int, name: str):
+    """int4: (the placeholder of the inputs' sums per group of G, lhs_sum(b, m, g)); else ([], None)."""
+    if problem.quant != "int4":
+        return [], None
+    sums = te.placeholder((*rows, red // problem["G"]), F32, name=name)
+    return [sums], sums
+
+
+def _accumulate(
+    problem: Problem, shape: tuple, red: int, lhs, where, value, scale, name: str, lhs_sum=None
+) -> te.Tensor:
     """name[b, m, j] = sum_k lhs(b, m, k) * weight(k, j) in fp32, the weight at `where(b, j, k)` -> (e, p, k, jj).
 
     Quantized (scale given), in two levels: "<name>_part"[b, m, g, j] sums the G products of group g with the
     codes alone, then name sums the groups times their scale: one scale multiply per group instead of per
-    weight (the schedule computes the part of one group of one register tile at a time)."""
+    weight (the schedule computes the part of one group of one register tile at a time). int4 (`lhs_sum`: the
+    input's sum over each group): the part used nibbles, code + 8, so 8 x that sum comes off per group."""
     if scale is None:
         k = te.reduce_axis((0, red), name="k")
         return te.compute(shape, lambda b, m, j: te.sum(lhs(b, m, k) * value(*where(b, j, k)), axis=k), name=name)
@@ -102,7 +113,12 @@ def _accumulate(problem: Problem, shape: tuple, red: int, lhs, where, value, sca
         name=f"{name}_part",
     )
     g = te.reduce_axis((0, red // group), name="g")
-    return te.compute(shape, lambda b, m, j: te.sum(part[b, m, g, j] * scale(*where(b, j, g)), axis=g), name=name)
+
+    def term(b, m, j):
+        v = part[b, m, g, j] if lhs_sum is None else part[b, m, g, j] - 8.0 * lhs_sum(b, m, g)
+        return v * scale(*where(b, j, g))
+
+    return te.compute(shape, lambda b, m, j: te.sum(term(b, m, j), axis=g), name=name)
 
 
 def gemm1_func(problem: Problem, panel: int) -> tvm.tirx.PrimFunc:
@@ -110,7 +126,7 @@ def gemm1_func(problem: Problem, panel: int) -> tvm.tirx.PrimFunc:
     non-gated problem act(x[tok[b,m]] . Wu[e_b, n] (+ bias)).
 
     Args: x (T,H), tok (NB,BM) i32, wt (NB,BM) f32, bexp (NB,) i32, wgu (E,ceil(I/P),H,W) (qgemm1: its codes
-    and scales, module doc) [, bias (E,UI)], act (NB,BM,I);
+    and scales, module doc; int4: then xsum (T, H/G) f32, x summed per group) [, bias (E,UI)], act (NB,BM,I);
     W = 2P, U = 2 when gated, else W = P, U = 1. A gated panel holds P gate columns then the
     P matching up columns, so one reduction ("GU", fp32) computes gate and up together: one pass over the x
     row feeds both, and a register tile covers 2P columns. A non-gated panel is P plain up columns (the
@@ -127,6 +143,7 @@ def gemm1_func(problem: Problem, panel: int) -> tvm.tirx.PrimFunc:
     bexp = te.placeholder((nb,), "int32", name="bexp")
     npanel, width = _panels(i, panel), (2 * panel if gated else panel)
     wgu, value, scale = _weight(problem, e, npanel, h, width, "wgu")
+    xsum, sums = _group_sums(problem, (t,), h, "xsum")
     gu = _accumulate(
         problem,
         (nb, bm, npanel * width),
@@ -136,8 +153,9 @@ def gemm1_func(problem: Problem, panel: int) -> tvm.tirx.PrimFunc:
         value,
         scale,
         "GU",
+        None if sums is None else lambda b, m, g: sums[tok[b, m], g],
     )
-    args = [x, tok, wt, bexp, *wgu]
+    args = [x, tok, wt, bexp, *wgu, *xsum]
     bias = te.placeholder((e, (2 if gated else 1) * i), dt, name="bias") if problem["bias"] else None
     if bias is not None:
         args.append(bias)
@@ -163,7 +181,7 @@ def gemm2_func(problem: Problem, panel: int) -> tvm.tirx.PrimFunc:
     """z[b, m, n] = (act[b,m] . Wd[e_b, n] (+ bias)) (* wt[b,m] if w_out); out[t, n] = sum_k z[inv[t,k], n].
 
     Args: act (NB,BM,I), wt (NB,BM) f32, bexp (NB,) i32, inv (T,K) i32, wd (E,ceil(H/P),I,P) (qgemm2: codes and
-    scales) [, bias (E,H)],
+    scales; int4: then asum (NB,BM,I/G) f32, act summed per group) [, bias (E,H)],
     z (NB,BM,H) f32 scratch, out (T,H). Blocks: "Zacc" (reduction), "Z" (epilogue), "O" (the combine).
     The combine is a fixed-order sum over K (deterministic, no atomics).
     """
@@ -174,6 +192,7 @@ def gemm2_func(problem: Problem, panel: int) -> tvm.tirx.PrimFunc:
     bexp = te.placeholder((nb,), "int32", name="bexp")
     inv = te.placeholder((t, k), "int32", name="inv")
     wd, value, scale = _weight(problem, e, _panels(h, panel), i, panel, "wd")
+    asum, sums = _group_sums(problem, (nb, bm), i, "asum")
     zacc = _accumulate(
         problem,
         (nb, bm, h),
@@ -183,8 +202,9 @@ def gemm2_func(problem: Problem, panel: int) -> tvm.tirx.PrimFunc:
         value,
         scale,
         "Zacc",
+        None if sums is None else lambda b, m, g: sums[b, m, g],
     )
-    args = [act, wt, bexp, inv, *wd]
+    args = [act, wt, bexp, inv, *wd, *asum]
     bias = te.placeholder((e, h), dt, name="bias") if problem["bias"] else None
     if bias is not None:
         args.append(bias)

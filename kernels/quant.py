@@ -11,13 +11,19 @@ calibration data; `quantization_error` reports what it costs per tensor.
 Quantizing the dequantized values gives the same codes back (the extreme of each group is exactly +-qmax * s).
 
 Layout. Like PackedWeight (kernels/packed.py), a QuantizedWeight keeps its codes and scales in the CPU kernels'
-panel layout (both packed along N with the same `pack`, gate|up interleaved for a gated gemm1): the codes as
-(G, ceil(N/P), Kd', W), the scales as (G, ceil(N/P), Kd/group, W). Panel None keeps the natural layout above
-(what the GPU kernels and the torch backend read, and what a package stores).
+panel layout (both packed along N with the same `pack`, gate|up interleaved for a gated gemm1): int8 codes as
+(G, ceil(N/P), Kd, W), the scales as (G, ceil(N/P), Kd/group, W). int4 codes pair their nibbles across the
+panel instead of along Kd, (G, ceil(N/P), Kd, W/2) bytes: byte c of a row holds column c (low nibble) and
+column c + W/2 (high nibble; for a gated panel, gate column c and its up column). One load of W/2 bytes then
+gives two vectors of codes with an AND and a shift, where pairs along Kd needed a load, a shift and an AND per
+vector (measured: see results/<machine>/quant.md). Panel None keeps the natural layout above (what the GPU
+kernels and the torch backend read, and what a package stores).
 
 QuantizedWeight is a tensor of the original shape and activation dtype whose only storage is the codes and
 scales: torch ops see the dequantized values (kernels/packed.py's StoredWeight), an in-place write
-(`load_state_dict` of dense values) re-quantizes into the same buffers.
+(`load_state_dict` of dense values) re-quantizes into the same buffers. A move that keeps the dtype
+(`.to(device)`, `.cuda()`, `.cpu()`, `nn.Module.to(device)`) moves the codes and scales and stays quantized; a
+dtype change (`.to(torch.bfloat16)`, `.half()`) gives the dense values in that dtype.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from typing import Any
 import torch
 
 from moetune.kernels.packed import StoredWeight, pack, unpack
+
+aten = torch.ops.aten
 
 QMAX = {"int8": 127, "int4": 7}
 SCALE_DTYPE = torch.float16
@@ -50,19 +58,24 @@ def quantize(w: torch.Tensor, fmt: str, group: int) -> tuple[torch.Tensor, torch
     scales = (blocks.abs().amax(dim=-1) / qmax).to(SCALE_DTYPE)
     inv = 1.0 / scales.float().clamp_min(torch.finfo(torch.float32).tiny)
     codes = (blocks * inv.unsqueeze(-1)).round_().clamp_(-qmax - 1, qmax).reshape(g, n, kd).to(torch.int8)
-    if fmt == "int4":
-        nib = (codes + 8).to(torch.uint8)
-        codes = nib[..., 0::2] | (nib[..., 1::2] << 4)
-    return codes, scales
+    return (_nibbles(codes[..., 0::2], codes[..., 1::2]) if fmt == "int4" else codes), scales
+
+
+def _nibbles(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """Two int8 code tensors in [-8, 7] -> one uint8 tensor, offset binary: (low + 8) | (high + 8) << 4."""
+    return (low + 8).to(torch.uint8) | ((high + 8).to(torch.uint8) << 4)
+
+
+def _halves(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of _nibbles: (low, high) int8 codes."""
+    return (codes & 15).to(torch.int8) - 8, (codes >> 4).to(torch.int8) - 8
 
 
 def decode(codes: torch.Tensor, fmt: str) -> torch.Tensor:
     """Natural-layout codes -> (G, N, Kd) int8 code values."""
     if fmt == "int8":
         return codes
-    low = (codes & 15).to(torch.int8) - 8
-    high = (codes >> 4).to(torch.int8) - 8
-    return torch.stack((low, high), dim=-1).reshape(*codes.shape[:-1], 2 * codes.shape[-1])
+    return torch.stack(_halves(codes), dim=-1).reshape(*codes.shape[:-1], 2 * codes.shape[-1])
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, fmt: str) -> torch.Tensor:
@@ -111,7 +124,11 @@ class QuantizedWeight(StoredWeight):
         if (tuple(codes.shape), tuple(scales.shape)) != want:
             got = (tuple(codes.shape), tuple(scales.shape))
             raise ValueError(f"{fmt} codes/scales of a {tuple(shape)} weight must be {want}, got {got}")
-        if panel is not None:
+        if panel is not None and fmt == "int4":  # nibbles paired across the panel (module doc)
+            values = pack(decode(codes, fmt), panel, interleave)
+            half = values.shape[-1] // 2
+            codes, scales = _nibbles(values[..., :half], values[..., half:]), pack(scales, panel, interleave)
+        elif panel is not None:
             codes, scales = pack(codes, panel, interleave), pack(scales, panel, interleave)
         return cls(codes, scales, torch.Size(shape), dtype, fmt, group, panel, interleave)
 
@@ -120,7 +137,11 @@ class QuantizedWeight(StoredWeight):
         if self.panel is None:
             return self.codes, self.scales
         n = self.shape[1]
-        return unpack(self.codes, n, self.panel, self.interleave), unpack(self.scales, n, self.panel, self.interleave)
+        scales = unpack(self.scales, n, self.panel, self.interleave)
+        if self.fmt == "int4":
+            values = unpack(torch.cat(_halves(self.codes), dim=-1), n, self.panel, self.interleave)
+            return _nibbles(values[..., 0::2], values[..., 1::2]), scales
+        return unpack(self.codes, n, self.panel, self.interleave), scales
 
     def in_layout(self, panel: int | None, interleave: int | None = None) -> QuantizedWeight:
         """The same codes in another layout (itself when it is that layout already)."""
@@ -144,9 +165,31 @@ class QuantizedWeight(StoredWeight):
         self.scales.copy_(fresh.scales)
 
     def _alias(self) -> QuantizedWeight:
-        return QuantizedWeight(
-            self.codes, self.scales, self.shape, self.dtype, self.fmt, self.group, self.panel, self.interleave
-        )
+        return self._with(self.codes, self.scales)
+
+    def _with(self, codes: torch.Tensor, scales: torch.Tensor) -> QuantizedWeight:
+        return QuantizedWeight(codes, scales, self.shape, self.dtype, self.fmt, self.group, self.panel, self.interleave)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is aten._to_copy.default and isinstance(args[0], QuantizedWeight) and _moves_only(args[0], kwargs):
+            # a device move (.to(device), .cuda(), Module.to / _apply): move the codes and scales, stay quantized
+            where = {k: kwargs[k] for k in ("device", "non_blocking", "pin_memory") if k in kwargs}
+            q = args[0]
+            return q._with(aten._to_copy.default(q.codes, **where), aten._to_copy.default(q.scales, **where))
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "data" and isinstance(value, QuantizedWeight):
+            # nn.Module._apply moves a parameter with `param.data = moved` when the two tensor types are
+            # compatible: the moved codes and scales must come along (the C setter only swaps the tensor metadata)
+            if (value.fmt, value.group, value.layout()) != (self.fmt, self.group, self.layout()):
+                raise ValueError(f"cannot set the data of {self!r} to {value!r}")
+            super().__setattr__(name, value)
+            self.codes, self.scales = value.codes, value.scales
+            return
+        super().__setattr__(name, value)
 
     def layout(self) -> tuple[int | None, int | None]:
         return self.panel, self.interleave
@@ -157,6 +200,17 @@ class QuantizedWeight(StoredWeight):
     def __repr__(self, *, tensor_contents: Any = None) -> str:
         where = "natural" if self.panel is None else f"panel={self.panel}"
         return f"QuantizedWeight(shape={tuple(self.shape)}, dtype={self.dtype}, {self.fmt} group={self.group}, {where})"
+
+
+def _moves_only(q: QuantizedWeight, kwargs: dict[str, Any]) -> bool:
+    """Whether an aten._to_copy of `q` changes at most its device (and pinning): its values stay the codes'."""
+    dtype, layout = kwargs.get("dtype"), kwargs.get("layout")
+    fmt = kwargs.get("memory_format")
+    return (
+        dtype in (None, q.dtype)
+        and layout in (None, torch.strided)
+        and fmt in (None, torch.preserve_format, torch.contiguous_format)
+    )
 
 
 def as_quantized(w: torch.Tensor, fmt: str, group: int) -> QuantizedWeight:

@@ -9,6 +9,10 @@ Parameters (kernels/triton_*.py say what each tile is):
                 argument, so no extra compile), num_warps, num_stages (software pipelining depth);
                 gemm2 also `combine`: "slots" (deterministic: per-slot rows, then a fixed-order sum over K) or
                 "atomic" (fp32 atomic adds: one launch fewer, order of the K additions not fixed)
+  qgemm1,       gemm1's / gemm2's parameters (the same kernels, dequantizing int8 / int4 weight tiles in the
+  qgemm2        main loop: kernels/triton/quant_tiles.py) and two constraints between BLOCK_K and the format:
+                `block_k_divides_group` (G % BLOCK_K == 0) and `int4_even_block_k`; their shared-memory floor
+                counts the weight tile at the codes' size (a byte, half for int4) plus its scales.
   route         BLOCK_T (tokens per program), logits ("fused": the router GEMM in the kernel; "torch": cuBLAS
                 logits, then the selection kernel), BLOCK_K and num_stages of the fused GEMM, num_warps
   align         BLOCK_S (slots per step of its one program), num_warps
@@ -22,17 +26,29 @@ registers per SM) come from compiling each point ahead of time (`moetune tune --
 autotune/tuning/prepare.py): on a CUDA target the space carries one more constraint, `aot`, which refuses the points
 that compile found infeasible for that architecture (points never compiled pass).
 
-Grid sizes: gemm1 1152 points (4 x 4 x 3 x 3 x 2 x 4), gemm2 2304 (x 2 combine), route 162, align 20; the static
+Quantized GEMMs: which of BLOCK_K and G divides the other. We require BLOCK_K to divide G: a K step then lies
+inside one scale group, so its scales are one (BLOCK_N,) vector loaded once per step. The other choice (G divides
+BLOCK_K) puts several groups in a step: a (BLOCK_K, BLOCK_N) gather of repeated scales (vLLM's gptq_awq kernel
+loads them per element, as many scale loads as code loads) or a reshape of the code tile into groups, every step.
+The cost: BLOCK_K <= G, so G = 32 (the CPU's default) leaves BLOCK_K = 32 only, while the GPU's default G = 128
+keeps 32, 64 and 128 (256 went to long dense reductions at decode; a quantized tile of 128 codes is already
+as many bytes as a dense one of 32 to 64). Since G divides the reduction (MoEConfig checks it), so does BLOCK_K:
+no K tail. vLLM's int4 tuner crashed on exactly this pair (vllm#52845: its space held BLOCK_SIZE_K that a kernel
+asserted against group_size only at launch); here it is a named constraint, so the tuner never proposes such a
+point and prepare never compiles one. `int4_even_block_k`: two codes per byte along K, so a K step must start on
+a byte (every BLOCK_K offered is even; the constraint keeps it so if the choices change).
+
+Grid sizes: gemm1 1536 points (4 x 4 x 4 x 3 x 2 x 4), gemm2 3072 (x 2 combine), route 162, align 20; the static
 constraints and the GROUP_M / BLOCK_M deduplication leave at most a few hundred distinct kernels per op to
 compile (prepare prints the exact counts).
 
 Default point (no tuning; in the spirit of vLLM's fused_moe defaults): BLOCK_M = BM clamped to [16, 64];
 BLOCK_N = 64 while blocks are small (BM <= 16: decode, many experts with few rows, so more column tiles keep the
 SMs busy), else 128; BLOCK_K = 64 (32 for fp32 tiles); GROUP_M = 8; 4 warps; 3 stages (2 for fp32); "slots"
-combine. Route: BLOCK_T = 16, fused logits, BLOCK_K = 64, 4 warps (8 past E_PAD = 256), 2 stages. Align:
-BLOCK_S = 64 (fewer for large E), 4 warps. Each is clamped to the problem and, if still infeasible (a static
-constraint, or the prepared compile for the architecture), replaced by the feasible point that differs from it
-in the fewest parameters.
+combine; a quantized GEMM's BLOCK_K at most G. Route: BLOCK_T = 16, fused logits, BLOCK_K = 64, 4 warps (8 past
+E_PAD = 256), 2 stages. Align: BLOCK_S = 64 (fewer for large E), 4 warps. Each is clamped to the problem and, if
+still infeasible (a static constraint, or the prepared compile for the architecture), replaced by the feasible
+point that differs from it in the fewest parameters.
 """
 
 from __future__ import annotations
@@ -60,6 +76,8 @@ ALIGN_WARPS = (1, 2, 4, 8)
 ACC_REGS = 128  # fp32 accumulator registers per thread we allow (of 255)
 MAX_SMEM = max(limits.smem_per_block for limits in GPU_LIMITS.values())
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+CODE_BYTES = {"int8": 1.0, "int4": 0.5}  # shared memory per weight of a quantized GEMM's pipelined code tile
+SCALE_BYTES = 2  # fp16 group scales
 
 
 def _pow2(n: int) -> int:
@@ -67,15 +85,37 @@ def _pow2(n: int) -> int:
 
 
 def _gemm_dims(problem: Problem) -> tuple[int, int, int]:
-    """(output width N, reduction length, accumulator tiles U)."""
-    if problem.op == "gemm1":
+    """(output width N, reduction length, accumulator tiles U) of gemm1 / gemm2, quantized or not."""
+    if problem.gemm == "gemm1":
         return problem["I"], problem["H"], 2 if problem["gated"] else 1
     return problem["H"], problem["I"], 1
+
+
+def _quant_constraints(problem: Problem) -> tuple[Constraint, ...]:
+    """A quantized GEMM's constraints between BLOCK_K and its code format (the module doc says why)."""
+    if problem.quant == "none":
+        return ()
+    g = problem["G"]
+    group = Constraint(
+        "block_k_divides_group",
+        f"BLOCK_K must divide the quant group G={g} (a K step reads one scale per column; vllm#52845)",
+        lambda p: g % p["BLOCK_K"] == 0,
+    )
+    if problem.quant != "int4":
+        return (group,)
+    even = Constraint(
+        "int4_even_block_k",
+        "int4 packs two codes per byte along K: BLOCK_K must be even (a K step starts on a byte)",
+        lambda p: p["BLOCK_K"] % 2 == 0,
+    )
+    return group, even
 
 
 def _gemm_space(problem: Problem) -> SearchSpace:
     n, red, tiles = _gemm_dims(problem)
     bm, elt = problem["BM"], DTYPE_BYTES[problem.dtype]
+    # bytes per K step of a weight tile column: the weights, or their codes and a share of one scale per group
+    w_elt = elt if problem.quant == "none" else CODE_BYTES[problem.quant] + SCALE_BYTES / problem["G"]
     params = [
         Param("BLOCK_M", BLOCK_M, "rows per program (divides BM; 16 with masked rows when BM < 16)"),
         Param("BLOCK_N", BLOCK_N, "output columns per program"),
@@ -84,7 +124,7 @@ def _gemm_space(problem: Problem) -> SearchSpace:
         Param("num_warps", GEMM_WARPS, "warps per program"),
         Param("num_stages", GEMM_STAGES, "software-pipelining depth of the reduction loop"),
     ]
-    if problem.op == "gemm2":
+    if problem.gemm == "gemm2":
         params.append(Param("combine", COMBINE, "slots: per-slot rows + fixed-order sum (deterministic); atomic"))
     return SearchSpace(
         problem.op,
@@ -121,9 +161,11 @@ def _gemm_space(problem: Problem) -> SearchSpace:
                 f"(num_stages - 1) buffered A and B tiles must fit {MAX_SMEM // 1024} KiB (the largest per-block "
                 "shared memory of any architecture)",
                 lambda p: (
-                    (p["num_stages"] - 1) * (p["BLOCK_M"] + tiles * p["BLOCK_N"]) * p["BLOCK_K"] * elt <= MAX_SMEM
+                    (p["num_stages"] - 1) * (p["BLOCK_M"] * elt + tiles * p["BLOCK_N"] * w_elt) * p["BLOCK_K"]
+                    <= MAX_SMEM
                 ),
             ),
+            *_quant_constraints(problem),
         ),
     )
 
@@ -190,7 +232,7 @@ def set_verdict_source(verdict: Callable[[Problem, Point, Target], dict[str, Any
 
 def static_space(problem: Problem) -> SearchSpace:
     """The op's space with its static constraints only (what prepare compiles)."""
-    if problem.op in ("gemm1", "gemm2"):
+    if problem.gemm is not None:  # gemm1, gemm2, qgemm1, qgemm2
         return _gemm_space(problem)
     if problem.op == "route":
         return _route_space(problem)
@@ -236,7 +278,7 @@ def _clamp(sp: SearchSpace, point: Point) -> Point:
 
 def default_point(problem: Problem, target: Target) -> Point:
     sp = space(problem, target)
-    if problem.op in ("gemm1", "gemm2"):
+    if problem.gemm is not None:
         n, red, _ = _gemm_dims(problem)
         bm, fp32 = problem["BM"], problem.dtype == "float32"
         point = {
@@ -247,8 +289,10 @@ def default_point(problem: Problem, target: Target) -> Point:
             "num_warps": 4,
             "num_stages": 2 if fp32 else 3,
         }
+        if problem.quant != "none":  # a K step inside one scale group (block_k_divides_group)
+            point["BLOCK_K"] = min(point["BLOCK_K"], problem["G"])
         point["num_stages"] = min(point["num_stages"], max(1, -(-red // point["BLOCK_K"])) + 1)
-        if problem.op == "gemm2":
+        if problem.gemm == "gemm2":
             point["combine"] = "slots"
         return _clamp(sp, point)
     if problem.op == "route":

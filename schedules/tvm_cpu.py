@@ -79,11 +79,6 @@ def space(problem: Problem, target: Target) -> SearchSpace:
     lanes, vregs = simd(target)
     n, red, bm, tiles = _gemm_dims(problem)
     mts = (1,) if problem.op == "route" else MT_CHOICES
-    quant: tuple[Constraint, ...] = ()
-    if problem.quant == "int4":  # two codes per byte: an even unroll keeps k % 2 static (ir/tvm_ir.py)
-        quant = (
-            Constraint("int4_kt_even", "kt must be even for int4 codes (two per byte)", lambda p: p["kt"] % 2 == 0),
-        )
     return SearchSpace(
         problem.op,
         params=(
@@ -110,7 +105,6 @@ def space(problem: Problem, target: Target) -> SearchSpace:
                 f"nt must be < 2x the output width {n}",
                 lambda p: p["nt"] < 2 * max(n, lanes),
             ),
-            *quant,
         ),
     )
 
@@ -140,12 +134,15 @@ def default_point(problem: Problem, target: Target) -> Point:
 
 
 # ---- applying a point --------------------------------------------------------------------------------------
-def _tile_accumulators(sch, out_block, acc_blocks, point: Point, rows_split: bool, parts: bool = False):
+def _tile_accumulators(
+    sch, out_block, acc_blocks, point: Point, rows_split: bool, parts: bool = False, halves: bool = False
+):
     """Tile `out_block` (.., m, n) and compute each accumulator block in registers per tile.
 
     `parts`: each accumulator sums per-group partials "<acc>_part" (a quantized GEMM, ir/tvm_ir.py): the
     accumulator's reduction is the groups, and the part of one group is computed in registers inside it, its
-    own reduction unrolled by kt."""
+    own reduction unrolled by kt. `halves` (int4 codes, two columns per byte: ir/tvm_ir.py): the part's columns
+    are vectorised as two halves, so each half reads its bytes as one contiguous vector with a constant shift."""
     loops = sch.get_loops(out_block)
     if rows_split:  # (b, m, n)
         b, m, n = loops
@@ -162,11 +159,15 @@ def _tile_accumulators(sch, out_block, acc_blocks, point: Point, rows_split: boo
         anchor = inner  # outer, inner
     depth = 3 if rows_split else 2
 
-    def registers(blk, red, kt: int) -> Any:
+    def registers(blk, red, kt: int, halves: bool = False) -> Any:
         """The block's reduction loop outermost, split by kt; its tile (rows, columns) unrolled and vectorised."""
         *spatial, _ = sch.get_loops(blk)[red:]
         ko, ki = sch.split(sch.get_loops(blk)[-1], [None, kt])
         sch.reorder(ko, ki, *spatial)
+        if halves:
+            half, columns = sch.split(spatial[-1], [2, None])
+            sch.unroll(half)
+            spatial[-1] = columns
         if spatial:  # empty only for a 1-column, 1-row tile (a one-expert route)
             sch.vectorize(spatial[-1])
         if len(spatial) == 2:
@@ -183,7 +184,7 @@ def _tile_accumulators(sch, out_block, acc_blocks, point: Point, rows_split: boo
             part = sch.get_sblock(f"{name}_part")
             sch.compute_at(part, group_loop)
             sch.set_scope(part, 0, "local")
-            registers(part, depth + 1, point["kt"])
+            registers(part, depth + 1, point["kt"], halves)
     fused = point["par"] == "fused"
     sch.parallel(sch.fuse(outer, inner) if fused else outer)  # before decompose_reduction, or s_tir refuses
     sch.vectorize(ni)
@@ -197,13 +198,15 @@ def _tile_accumulators(sch, out_block, acc_blocks, point: Point, rows_split: boo
 
 def _schedule_gemm1(problem: Problem, point: Point):
     sch = tvm.s_tir.Schedule(tvm_ir.gemm1_func(problem, point["nt"]))
-    _tile_accumulators(sch, sch.get_sblock("A"), ("GU",), point, rows_split=True, parts=problem.quant != "none")
+    quant = problem.quant
+    _tile_accumulators(sch, sch.get_sblock("A"), ("GU",), point, True, quant != "none", quant == "int4")
     return sch.mod["main"]
 
 
 def _schedule_gemm2(problem: Problem, point: Point, lanes: int):
     sch = tvm.s_tir.Schedule(tvm_ir.gemm2_func(problem, point["nt"]))
-    _tile_accumulators(sch, sch.get_sblock("Z"), ("Zacc",), point, rows_split=True, parts=problem.quant != "none")
+    quant = problem.quant
+    _tile_accumulators(sch, sch.get_sblock("Z"), ("Zacc",), point, True, quant != "none", quant == "int4")
     combine = sch.get_sblock("O")
     t, n = sch.get_loops(combine)
     _, ni = sch.split(n, [None, lanes])

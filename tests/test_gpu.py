@@ -8,6 +8,8 @@ weights to 1e-5 (routing is fp32; bf16 products are exact in fp32), align exactl
 own bf16 error (floor: half a bf16 ulp, 2^-9); then the whole TunedMoE on the triton backend against the
 reference MoE; that the resources prepare reads ahead of time equal what the driver reports for the same kernel;
 and a short tune: a few feasible points of each GEMM measured with CUDA events, every one verified first.
+Quantized experts (w8a16 / w4a16: qgemm1 / qgemm2) the same way, against the reference on the same codes, after a
+QuantizedWeight moved to the GPU (it stays quantized).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from conftest import rel_err
 from moetune.ir.program import lower
 from moetune.ir.target import resolve_target
 from moetune.kernels import reference as ref
+from moetune.kernels.quant import QuantizedWeight
 from moetune.kernels.registry import KernelConfig, default_config, get_impl
 from moetune.model import MoE, MoEConfig, TunedMoE
 from moetune.schedules import triton as spaces
@@ -260,6 +263,72 @@ def test_short_tune_of_a_gemm(op, target):
         assert rel_err(got.float(), want.float()) <= 1e-2, point
         timings.append(triton.testing.do_bench(lambda p=point: _run(kind, problem, target, *args, point=p)))
     assert all(t > 0 for t in timings)
+
+
+# ---- quantized experts on the Triton backend (kernels/triton/quant_tiles.py) -----------------------------------
+QCFG = MoEConfig(hidden_size=512, intermediate_size=256, num_experts=32, top_k=8, dtype="bfloat16")
+QUANTS = [("int8", 128), ("int4", 128), ("int4", 32)]
+
+
+def test_quantized_weights_move_to_the_gpu_quantized():
+    q = QuantizedWeight.of(torch.randn(4, 64, 128), "int4", 32)
+    for moved in (q.cuda(), q.to("cuda"), q.to(torch.device("cuda"), non_blocking=True)):
+        assert isinstance(moved, QuantizedWeight) and moved.is_cuda and moved.codes.is_cuda and moved.scales.is_cuda
+    back = q.cuda().cpu()
+    assert isinstance(back, QuantizedWeight) and torch.equal(back.codes, q.codes) and torch.equal(back.scales, q.scales)
+    assert type(q.to("cuda", torch.bfloat16)) is torch.Tensor  # a dtype change: the dense values
+    module = torch.nn.Module()
+    module.w = torch.nn.Parameter(q, requires_grad=False)
+    module.cuda()  # nn.Module._apply: `param.data = moved` (CPU -> CUDA are compatible tensor types)
+    assert isinstance(module.w, QuantizedWeight) and module.w.is_cuda and module.w.codes.is_cuda
+    assert torch.equal(module.w.cpu().unpack(), q.unpack())
+
+
+@pytest.mark.parametrize("t", TOKENS)
+@pytest.mark.parametrize(("fmt", "group"), QUANTS, ids=[f"{f}-G{g}" for f, g in QUANTS])
+def test_qgemms_bf16_within_twice_torch(fmt, group, t, target):
+    cfg = QCFG.quantized(fmt, group, "cuda")
+    layer, program = _layer(cfg), lower(cfg, t, "cuda")
+    ex = layer.experts
+    assert isinstance(ex.gate_up_proj, QuantizedWeight) and ex.gate_up_proj.codes.is_cuda  # moved, still codes
+    x = torch.randn(t, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
+    al = _run("align", program.op("align"), target, *_route(layer, program, target, x))
+    g1, g2 = program.op("experts.gemm1"), program.op("experts.gemm2")
+    act = _run("qgemm1", g1, target, x, al, ex.gate_up_proj, None)
+    torch_act = _run("qgemm1", g1, target, x, al.trimmed(), ex.gate_up_proj, None, backend="torch")
+    cal, nb = _cpu_aligned(al), al.used_blocks()
+    want_act = ref.qgemm1(g1, x.float().cpu(), cal, ex.gate_up_proj.cpu(), None)
+    kernel_err, torch_err = rel_err(act[:nb].cpu(), want_act[:nb]), rel_err(torch_act.cpu(), want_act[:nb])
+    assert kernel_err <= 2 * max(torch_err, BF16_FLOOR), (kernel_err, torch_err)
+    assert (act[nb:] == 0).all()
+    want = ref.qgemm2(g2, act.float().cpu(), cal, ex.down_proj.cpu(), None, t)
+    torch_err = rel_err(
+        _run("qgemm2", g2, target, act[:nb], al.trimmed(), ex.down_proj, None, backend="torch").cpu(), want
+    )
+    for combine in ("slots", "atomic"):
+        point = {**spaces.default_point(g2, target), "combine": combine}
+        kernel_err = rel_err(_run("qgemm2", g2, target, act, al, ex.down_proj, None, point=point).cpu(), want)
+        assert kernel_err <= 2 * max(torch_err, BF16_FLOOR), (combine, kernel_err, torch_err)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_quantized_tuned_moe_on_triton_bf16(fmt):
+    cfg = QCFG.quantized(fmt, 128, "cuda")
+    layer = _layer(cfg)
+    exact = MoE(cfg.replace(dtype="float32", quant="none")).eval()  # fp32 on the values the codes stand for
+    state = {k: v.float().cpu() for k, v in layer.state_dict().items()}
+    state.update({f"experts.{n}": getattr(layer.experts, n).dequantized().cpu() for n in ("gate_up_proj", "down_proj")})
+    exact.load_state_dict(state)
+    tuned = TunedMoE.from_module(layer, target="cuda", backends=("triton",))
+    assert {d["backend"] for d in tuned.describe(7)} == {"triton"} and tuned.describe(7)[2]["problem"].startswith("q")
+    for t in TOKENS:
+        x = torch.randn(t, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            want = exact(x.float().cpu())
+            torch_err = rel_err(layer(x).float().cpu(), want)
+        got = tuned(x)
+        assert got.shape == x.shape and got.dtype == torch.bfloat16 and got.is_cuda
+        assert rel_err(got.float().cpu(), want) <= 2 * torch_err + 1e-3, t
 
 
 # ---- the TVM CUDA backend (kernels/tvm_cuda/): cubins built here with nvcc, launched through CuPy ----------------

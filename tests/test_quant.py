@@ -81,6 +81,7 @@ def test_a_quantized_layer_cannot_be_quantized_another_way():
         cfg.quantized("int4")
     assert _cfg(hidden_size=128, intermediate_size=256).quantized("int4", target_kind="cuda").quant_group == 128
     assert _cfg().quantized("int4").quant_group == 32
+    assert _cfg(hidden_size=128, intermediate_size=96).quantized("int4", target_kind="cuda").quant_group == 32
 
 
 def test_quantized_problem_signature_round_trips_and_names_the_format():
@@ -184,8 +185,6 @@ def test_every_tile_shape_reads_the_codes_right(fmt):
         assert rel_err(got, want) <= 1e-5, point
         ran += 1
     assert ran >= 4
-    if fmt == "int4":
-        assert "int4_kt_even" in " ".join(space.violations({**base, "kt": 1}))
 
 
 def test_a_weight_of_another_format_is_refused():

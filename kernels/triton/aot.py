@@ -34,9 +34,11 @@ def aot_spec(problem: Problem, point: dict) -> AotSpec:
         return route_kernel.aot(problem, point, dtype)
     if problem.op == "align":
         return align_kernel.aot(problem, point, dtype)
-    if problem.op == "gemm1":
+    if problem.gemm == "gemm1":  # gemm1, qgemm1: one kernel (constexpr QUANT)
         return gemm_kernels.aot_gemm1(problem, point, dtype)
-    return gemm_kernels.aot_gemm2(problem, point, dtype)
+    if problem.gemm == "gemm2":
+        return gemm_kernels.aot_gemm2(problem, point, dtype)
+    raise ValueError(f"no Triton kernel for op {problem.op!r}")
 
 
 CACHE_FILE = "triton_prepare.json"

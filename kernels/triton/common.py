@@ -33,6 +33,7 @@ _KERNEL_FILES = (
     "kernels/triton/route_kernel.py",
     "kernels/triton/align_kernel.py",
     "kernels/triton/gemm_kernels.py",
+    "kernels/triton/quant_tiles.py",
 )
 
 

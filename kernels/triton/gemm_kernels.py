@@ -1,4 +1,5 @@
-"""Triton grouped GEMMs: gemm1 (gate_up + activation) and gemm2 (down + routing weight + combine).
+"""Triton grouped GEMMs: gemm1 (gate_up + activation) and gemm2 (down + routing weight + combine), and their
+quantized forms qgemm1 / qgemm2 (w8a16 / w4a16: the same kernels with constexpr QUANT, kernels/triton/quant_tiles.py).
 
 Legend: T tokens, H hidden, I intermediate, E experts, K top-k, S = T*K slots, BM rows per aligned block,
 NB blocks, P = NB*BM padded rows, U = 2 for gated experts (gate_up rows [gate | up]) else 1.
@@ -20,6 +21,10 @@ gemm2 accumulates act @ down[e]^T in fp32, + bias, * routing weight (W_OUT), the
       rows have slot -1 and are not stored); `_combine_kernel` then sums each token's K rows in k order.
   COMBINE_ATOMIC 1: tl.atomic_add into a zeroed (T, H) fp32 buffer (order of the K additions not fixed).
 Both sum in fp32 like the reference, then cast to the activations' dtype.
+
+Quantized weights (QUANT 1 int8, 2 int4; QGROUP = G): w_ptr points at the natural-layout codes and s_ptr at the
+fp16 group scales (kernels/quant.py); each weight tile is dequantized in the main loop (quant_tiles.weight_tile)
+and fed to the same tl.dot. Dense launches pass QUANT 0, QGROUP 1 and the weight again as s_ptr (never read).
 """
 
 from __future__ import annotations
@@ -28,6 +33,14 @@ import triton
 import triton.language as tl
 
 from moetune.kernels.triton.common import aot_spec
+from moetune.kernels.triton.quant_tiles import (
+    aot_weight,
+    check_point,
+    quant_constexprs,
+    weight_ptrs,
+    weight_strides,
+    weight_tile,
+)
 
 ACTS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "swiglu_oai": 4}
 _PTR = {"float32": "*fp32", "bfloat16": "*bf16", "float16": "*fp16"}
@@ -38,7 +51,8 @@ COMBINE_BLOCK_H = 256  # the combine is a memory-bound sum of K rows: not tuned
 def _gemm1_kernel(
     # pointers
     x_ptr,  # (T, H) activations
-    w_ptr,  # (E, U*I, H) gate_up_proj
+    w_ptr,  # (E, U*I, H) gate_up_proj, or its codes (E, U*I, H or H/2) (QUANT)
+    s_ptr,  # (E, U*I, H/G) fp16 scales (QUANT)
     b_ptr,  # (E, U*I) gate_up_bias (HAS_BIAS)
     token_ptr,  # (P,) int32 sorted token of each padded row
     rw_ptr,  # (P,) fp32 routing weight of each padded row (W_IN)
@@ -56,6 +70,8 @@ def _gemm1_kernel(
     stride_xt,
     stride_we,
     stride_wn,
+    stride_se,
+    stride_sn,
     stride_be,
     stride_ot,
     # meta-parameters
@@ -63,6 +79,8 @@ def _gemm1_kernel(
     ACT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     W_IN: tl.constexpr,
+    QUANT: tl.constexpr,  # 0 dense, 1 int8, 2 int4 (quant_tiles.QUANT_MODES)
+    QGROUP: tl.constexpr,  # G: weights per scale along the reduction (1 when dense)
     PRECISION: tl.constexpr,  # "ieee" for fp32 tiles (no TF32: the reference is fp32), else "tf32" (unused)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -86,6 +104,8 @@ def _gemm1_kernel(
     out_ptrs = out_ptr + rows[:, None] * stride_ot + cols[None, :]
     out_mask = row_ok[:, None] & col_ok[None, :]
     expert = tl.load(block_expert_ptr + blk)
+    if QUANT != 0:
+        tl.static_assert(QGROUP % BLOCK_K == 0, "a K step must lie in one scale group: BLOCK_K divides G")
     if expert < 0:  # an empty trailing block
         tl.store(out_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty), mask=out_mask)
     else:
@@ -93,18 +113,19 @@ def _gemm1_kernel(
         ks = tl.arange(0, BLOCK_K)
         a_ptrs = x_ptr + tok[:, None].to(tl.int64) * stride_xt + ks[None, :]
         w_base = w_ptr + expert.to(tl.int64) * stride_we
-        g_ptrs = w_base + cols[None, :].to(tl.int64) * stride_wn + ks[:, None]  # (BLOCK_K, BLOCK_N)
+        g_ptrs = weight_ptrs(w_base, cols, ks, stride_wn, QUANT)  # (BLOCK_K, BLOCK_N); int4 (BLOCK_K / 2, BLOCK_N)
+        s_ptrs = s_ptr + expert.to(tl.int64) * stride_se + cols.to(tl.int64) * stride_sn  # (BLOCK_N,) (QUANT)
         acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, H, BLOCK_K):
             k_ok = (k0 + ks) < H
             a = tl.load(a_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             b_mask = k_ok[:, None] & col_ok[None, :]
-            bg = tl.load(g_ptrs + k0, mask=b_mask, other=0.0)
+            bg = weight_tile(g_ptrs, s_ptrs, k0, ks, b_mask, col_ok, QUANT, QGROUP).to(x_ptr.dtype.element_ty)
             acc_g = tl.dot(a, bg, acc_g, input_precision=PRECISION)
-            if GATED:
-                bu = tl.load(g_ptrs + N * stride_wn + k0, mask=b_mask, other=0.0)
-                acc_u = tl.dot(a, bu, acc_u, input_precision=PRECISION)
+            if GATED:  # the up rows: N rows further, in the weight (or codes) and in the scales
+                bu = weight_tile(g_ptrs + N * stride_wn, s_ptrs + N * stride_sn, k0, ks, b_mask, col_ok, QUANT, QGROUP)
+                acc_u = tl.dot(a, bu.to(x_ptr.dtype.element_ty), acc_u, input_precision=PRECISION)
         if W_IN:
             rw = tl.load(rw_ptr + rows, mask=row_ok, other=0.0)[:, None]
             acc_g = acc_g * rw
@@ -137,7 +158,8 @@ def _gemm1_kernel(
 def _gemm2_kernel(
     # pointers
     act_ptr,  # (P, I) gemm1's output
-    w_ptr,  # (E, H, I) down_proj
+    w_ptr,  # (E, H, I) down_proj, or its codes (E, H, I or I/2) (QUANT)
+    s_ptr,  # (E, H, I/G) fp16 scales (QUANT)
     b_ptr,  # (E, H) down_bias (HAS_BIAS)
     rw_ptr,  # (P,) fp32 routing weight of each padded row (W_OUT)
     slot_ptr,  # (P,) int32 slot t*K+k of each padded row (pad: -1)
@@ -154,12 +176,16 @@ def _gemm2_kernel(
     stride_at,
     stride_we,
     stride_wn,
+    stride_se,
+    stride_sn,
     stride_be,
     stride_ot,
     # meta-parameters
     HAS_BIAS: tl.constexpr,
     W_OUT: tl.constexpr,
     COMBINE_ATOMIC: tl.constexpr,
+    QUANT: tl.constexpr,
+    QGROUP: tl.constexpr,
     PRECISION: tl.constexpr,  # "ieee" for fp32 tiles (no TF32: the reference is fp32), else "tf32" (unused)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -181,15 +207,19 @@ def _gemm2_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     expert = tl.load(block_expert_ptr + blk)
+    if QUANT != 0:
+        tl.static_assert(QGROUP % BLOCK_K == 0, "a K step must lie in one scale group: BLOCK_K divides G")
     if expert >= 0:  # empty trailing blocks hold no slot: nothing to do
         ks = tl.arange(0, BLOCK_K)
         a_ptrs = act_ptr + rows[:, None] * stride_at + ks[None, :]
-        b_ptrs = w_ptr + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn + ks[:, None]
+        b_ptrs = weight_ptrs(w_ptr + expert.to(tl.int64) * stride_we, cols, ks, stride_wn, QUANT)
+        s_ptrs = s_ptr + expert.to(tl.int64) * stride_se + cols.to(tl.int64) * stride_sn  # (QUANT)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, I, BLOCK_K):
             k_ok = (k0 + ks) < I
             a = tl.load(a_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs + k0, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            b_mask = k_ok[:, None] & col_ok[None, :]
+            b = weight_tile(b_ptrs, s_ptrs, k0, ks, b_mask, col_ok, QUANT, QGROUP).to(act_ptr.dtype.element_ty)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
         if HAS_BIAS:
             acc += tl.load(b_ptr + expert.to(tl.int64) * stride_be + cols, mask=col_ok, other=0.0).to(tl.float32)[
@@ -229,6 +259,7 @@ def gemm1_constexprs(problem, point) -> dict:
         "ACT": ACTS[problem["act"]],
         "HAS_BIAS": bool(problem["bias"]),
         "W_IN": bool(problem["w_in"]),
+        **quant_constexprs(problem),
         "PRECISION": "ieee" if problem.dtype == "float32" else "tf32",
         "BLOCK_M": point["BLOCK_M"],
         "BLOCK_N": point["BLOCK_N"],
@@ -241,6 +272,7 @@ def gemm2_constexprs(problem, point) -> dict:
         "HAS_BIAS": bool(problem["bias"]),
         "W_OUT": bool(problem["w_out"]),
         "COMBINE_ATOMIC": point["combine"] == "atomic",
+        **quant_constexprs(problem),
         "PRECISION": "ieee" if problem.dtype == "float32" else "tf32",
         "BLOCK_M": point["BLOCK_M"],
         "BLOCK_N": point["BLOCK_N"],
@@ -253,15 +285,18 @@ def _grid(n_blocks: int, bm: int, n: int, point) -> tuple[int, int]:
     return num_pid_m, num_pid_m * triton.cdiv(n, point["BLOCK_N"])
 
 
-def launch_gemm1(kernel, problem, point, x, w, b, token, rw, block_expert, out):
-    """x (T, H), w (E, U*I, H), b (E, U*I) | None, token / rw (P,), block_expert (NB,), out (P, I).
+def launch_gemm1(kernel, problem, point, x, w, b, token, rw, block_expert, out, s=None):
+    """x (T, H), w (E, U*I, H), b (E, U*I) | None, token / rw (P,), block_expert (NB,), out (P, I); a quantized
+    problem: w its codes (E, U*I, H or H/2) and s its scales (E, U*I, H/G), natural layout (kernels/quant.py).
 
     Returns what the launch returns (the compiled kernel on a GPU, None under the interpreter)."""
     n, h, bm = problem["I"], problem["H"], problem["BM"]
+    check_point(problem, point)
     num_pid_m, programs = _grid(block_expert.shape[0], bm, n, point)
     return kernel[(programs,)](
         x,
         w,
+        s if s is not None else w,
         b if b is not None else w,
         token,
         rw,
@@ -275,8 +310,7 @@ def launch_gemm1(kernel, problem, point, x, w, b, token, rw, block_expert, out):
         float(problem["alpha"]),
         float(problem["limit"]),
         x.stride(0),
-        w.stride(0),
-        w.stride(1),
+        *weight_strides(w, s),
         b.stride(0) if b is not None else 0,
         out.stride(0),
         **gemm1_constexprs(problem, point),
@@ -285,13 +319,16 @@ def launch_gemm1(kernel, problem, point, x, w, b, token, rw, block_expert, out):
     )
 
 
-def launch_gemm2(kernel, problem, point, act, w, b, rw, slot, block_expert, out):
-    """act (P, I), w (E, H, I), b (E, H) | None, rw / slot (P,), block_expert (NB,), out (S or T, H) fp32."""
+def launch_gemm2(kernel, problem, point, act, w, b, rw, slot, block_expert, out, s=None):
+    """act (P, I), w (E, H, I), b (E, H) | None, rw / slot (P,), block_expert (NB,), out (S or T, H) fp32; a
+    quantized problem: w its codes (E, H, I or I/2), s its scales (E, H, I/G)."""
     n, i, bm = problem["H"], problem["I"], problem["BM"]
+    check_point(problem, point)
     num_pid_m, programs = _grid(block_expert.shape[0], bm, n, point)
     return kernel[(programs,)](
         act,
         w,
+        s if s is not None else w,
         b if b is not None else w,
         rw,
         slot,
@@ -304,8 +341,7 @@ def launch_gemm2(kernel, problem, point, act, w, b, rw, slot, block_expert, out)
         num_pid_m,
         point["GROUP_M"],
         act.stride(0),
-        w.stride(0),
-        w.stride(1),
+        *weight_strides(w, s),
         b.stride(0) if b is not None else 0,
         out.stride(0),
         **gemm2_constexprs(problem, point),
@@ -323,9 +359,10 @@ def aot_gemm1(problem, point, dtype: str):
     ty = _PTR[dtype]
     h, i = problem["H"], problem["I"]
     u = 2 if problem["gated"] else 1
+    weight_types, weight_sizes = aot_weight(problem, ty, u * i, h)
     types = {
         "x_ptr": ty,
-        "w_ptr": ty,
+        **weight_types,
         "b_ptr": ty,
         "token_ptr": "*i32",
         "rw_ptr": "*fp32",
@@ -334,8 +371,7 @@ def aot_gemm1(problem, point, dtype: str):
         "alpha": "fp32",
         "limit": "fp32",
     }
-    sizes = {"N": i, "H": h, "stride_xt": h, "stride_we": u * i * h, "stride_wn": h, "stride_be": u * i}
-    sizes["stride_ot"] = i
+    sizes = {"N": i, "H": h, "stride_xt": h, **weight_sizes, "stride_be": u * i, "stride_ot": i}
     return aot_spec(
         _gemm1_kernel, types, gemm1_constexprs(problem, point), point["num_warps"], point["num_stages"], sizes
     )
@@ -344,16 +380,17 @@ def aot_gemm1(problem, point, dtype: str):
 def aot_gemm2(problem, point, dtype: str):
     ty = _PTR[dtype]
     h, i = problem["H"], problem["I"]
+    weight_types, weight_sizes = aot_weight(problem, ty, h, i)
     types = {
         "act_ptr": ty,
-        "w_ptr": ty,
+        **weight_types,
         "b_ptr": ty,
         "rw_ptr": "*fp32",
         "slot_ptr": "*i32",
         "block_expert_ptr": "*i32",
         "out_ptr": "*fp32",
     }
-    sizes = {"N": h, "I": i, "stride_at": i, "stride_we": h * i, "stride_wn": i, "stride_be": h, "stride_ot": h}
+    sizes = {"N": h, "I": i, "stride_at": i, **weight_sizes, "stride_be": h, "stride_ot": h}
     return aot_spec(
         _gemm2_kernel, types, gemm2_constexprs(problem, point), point["num_warps"], point["num_stages"], sizes
     )

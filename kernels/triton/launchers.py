@@ -10,6 +10,9 @@ No launcher reads a device value on the host, so a decode step never waits on th
 static bound NB = ops.max_blocks(S, E, BM) and marks unused blocks empty (kernels/ops.py).
 Router GEMM: in the kernel (config logits="fused", one launch) or torch's matmul on fp32 copies (logits="torch":
 the same numbers as kernels/reference.py; the fp32 weight copy is memoised per tensor version). The tuner picks.
+Quantized GEMMs (qgemm1 / qgemm2: w8a16, w4a16): the gemm1 / gemm2 launchers with the weight a QuantizedWeight
+(kernels/quant.py), whose natural-layout codes and scales the kernels read (a CPU panel layout is laid out naturally
+once, memoised; a dense weight is quantized once, memoised, as kernels.quant.as_quantized does).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from moetune.ir.target import Target
 from moetune.kernels.cache import TensorMemo
 from moetune.kernels.ops import Aligned, max_blocks
 from moetune.kernels.ops import check_tensor as _check
+from moetune.kernels.quant import QuantizedWeight, as_quantized
 from moetune.kernels.registry import KernelConfig, register_backend, register_impl
 from moetune.kernels.triton import (
     align_kernel,
@@ -35,6 +39,7 @@ from moetune.schedules import triton as spaces
 register_backend("triton", space=spaces.space, default=spaces.default_point)
 _TARGETS = ("cuda",)
 _FP32_COPIES = TensorMemo()
+_NATURAL = TensorMemo()  # a quantized GEMM's weight as natural-layout codes (quantized, or laid out, once)
 
 
 def _need(name: str, t: torch.Tensor | None, wanted: bool) -> None:
@@ -103,7 +108,26 @@ def align(problem: Problem, config: KernelConfig, target: Target, weights: torch
     return Aligned(token, sorted_w, slot, block_expert, inverse, counts, offsets)
 
 
+def _weight(problem: Problem, w: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, scales) the GEMM kernels read: the dense weight and None, or a quantized GEMM's natural-layout
+    codes and scales (a QuantizedWeight of the problem's format and group, or a dense weight quantized now)."""
+    if problem.quant == "none":
+        return w.contiguous(), None
+    fmt, group = problem["wq"], problem["G"]
+    if isinstance(w, QuantizedWeight) and w.panel is None:
+        q = as_quantized(w, fmt, group)  # checks the format
+    else:
+        q = _NATURAL.get([w], lambda: as_quantized(w, fmt, group).in_layout(None), group=(fmt, group))
+    if q.codes.device != device:
+        raise ValueError(
+            f"{problem.op}: the quantized weight is on {q.codes.device}, the activations on {device}: move it with "
+            ".to(device) (it stays quantized)"
+        )
+    return q.codes.contiguous(), q.scales.contiguous()
+
+
 @register_impl("gemm1", "triton", targets=_TARGETS)
+@register_impl("qgemm1", "triton", targets=_TARGETS)
 def gemm1(
     problem: Problem,
     config: KernelConfig,
@@ -120,7 +144,8 @@ def gemm1(
     _need("gate_up bias", gate_up_bias, problem["bias"])
     if problem["bias"]:
         _check("gate_up_bias", gate_up_bias, (e, u * i))
-    x, w = x.contiguous(), gate_up_proj.contiguous()
+    x = x.contiguous()
+    w, scales = _weight(problem, gate_up_proj, x.device)
     b = gate_up_bias.contiguous() if problem["bias"] else None
     out = torch.empty(al.num_blocks, bm, i, dtype=x.dtype, device=x.device)
     kernel = runnable(gemm_kernels._gemm1_kernel, x.device)
@@ -135,11 +160,13 @@ def gemm1(
         al.sorted_weight.reshape(-1),
         al.block_expert,
         out.view(-1, i),
+        scales,
     )
     return out
 
 
 @register_impl("gemm2", "triton", targets=_TARGETS)
+@register_impl("qgemm2", "triton", targets=_TARGETS)
 def gemm2(
     problem: Problem,
     config: KernelConfig,
@@ -156,7 +183,8 @@ def gemm2(
     if problem["bias"]:
         _check("down_bias", down_bias, (e, h))
     point = config.as_dict()
-    act, w = act.contiguous(), down_proj.contiguous()
+    act = act.contiguous()
+    w, scales = _weight(problem, down_proj, act.device)
     b = down_bias.contiguous() if problem["bias"] else None
     t, dev = al.inverse.shape[0], act.device
     atomic = point["combine"] == "atomic"
@@ -174,6 +202,7 @@ def gemm2(
         al.sorted_slot.reshape(-1),
         al.block_expert,
         z,
+        scales,
     )
     out = torch.empty(t, h, dtype=act.dtype, device=dev)
     gemm_kernels.launch_combine(runnable(gemm_kernels._combine_kernel, dev), z, out, 1 if atomic else k)

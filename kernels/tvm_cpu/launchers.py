@@ -84,11 +84,18 @@ def _quantized(source: torch.Tensor, problem: Problem, panel: int, interleave: i
     return [q.codes, q.scales]
 
 
-def _weight_args(problem: Problem, source: torch.Tensor, panel: int, interleave: int | None) -> list[torch.Tensor]:
-    """The kernel arguments of a GEMM's weight: its packed panels, or a quantized one's codes and scales."""
-    if problem.quant != "none":
-        return _quantized(source, problem, panel, interleave)
-    return [_packed(source, slice(None), panel, interleave)]
+def _weight_args(
+    problem: Problem, source: torch.Tensor, panel: int, interleave: int | None, lhs: torch.Tensor
+) -> list[torch.Tensor]:
+    """The kernel arguments of a GEMM's weight: its packed panels, or a quantized one's codes and scales (int4:
+    and the input `lhs` summed per group of G, which the kernel subtracts 8 times per group: ir/tvm_ir.py)."""
+    if problem.quant == "none":
+        return [_packed(source, slice(None), panel, interleave)]
+    args = _quantized(source, problem, panel, interleave)
+    if problem.quant == "int4":
+        group = problem["G"]
+        args.append(lhs.float().unflatten(-1, (lhs.shape[-1] // group, group)).sum(-1).contiguous())
+    return args
 
 
 @register_impl("route", "tvm")
@@ -157,7 +164,7 @@ def gemm1(
         al.sorted_weight,
         al.block_expert,
         # gated: interleaved gate|up panels (pack_gate_up); non-gated: plain up panels (pack_panels)
-        *_weight_args(problem, gate_up_proj, nt, i if gated else None),
+        *_weight_args(problem, gate_up_proj, nt, i if gated else None, x),
     ]
     if problem["bias"]:
         args.append(gate_up_bias.contiguous())
@@ -183,12 +190,13 @@ def gemm2(
     _check("act", act, (al.num_blocks, bm, i), act.dtype)
     al = al.trimmed()
     mod = _module(problem, config, target)
+    rows = act[: al.num_blocks].contiguous()
     args = [
-        act[: al.num_blocks].contiguous(),
+        rows,
         al.sorted_weight,
         al.block_expert,
         al.inverse,
-        *_weight_args(problem, down_proj, config["nt"], None),
+        *_weight_args(problem, down_proj, config["nt"], None, rows),
     ]
     if problem["bias"]:
         args.append(down_bias.contiguous())

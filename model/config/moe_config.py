@@ -189,8 +189,12 @@ class MoEConfig:
             return self if group in (None, self.quant_group) else self.replace(quant_group=group)
         if self.quant != "none":
             raise ValueError(f"the layer is already {self.quant} (group {self.quant_group}); cannot make it {quant}")
-        if group is None:
-            group = QUANT_GROUP_DEFAULT.get(target_kind, QUANT_GROUP_DEFAULT["cpu"])
+        if group is None:  # the target kind's default, else the largest smaller group that divides H and I
+            default = QUANT_GROUP_DEFAULT.get(target_kind, QUANT_GROUP_DEFAULT["cpu"])
+            fits = [
+                g for g in QUANT_GROUPS if g <= default and not self.hidden_size % g and not self.intermediate_size % g
+            ]
+            group = max(fits, default=default)
         return self.replace(quant=quant, quant_group=group)
 
     def flops_per_token(self) -> int:

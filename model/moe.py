@@ -64,10 +64,19 @@ class Experts(nn.Module):
         self.gate_up_bias = _param(e, u * i, dtype=dt, fan_in=h) if cfg.expert_bias else None
         self.down_bias = _param(e, h, dtype=dt, fan_in=i) if cfg.expert_bias else None
         if cfg.quant != "none":
-            for name in ("gate_up_proj", "down_proj"):
-                q = QuantizedWeight.of(getattr(self, name).detach(), cfg.quant, cfg.quant_group)
-                setattr(self, name, nn.Parameter(q, requires_grad=False))
-            self._register_state_dict_hook(dense_state)
+            quantize_experts(self, cfg.quant, cfg.quant_group)
+
+
+def quantize_experts(experts: nn.Module, quant: str, group: int) -> None:
+    """An Experts module's gate_up_proj and down_proj quantized in place (natural layout); its state_dict keeps
+    giving dense values."""
+    for name in ("gate_up_proj", "down_proj"):
+        w = getattr(experts, name)
+        dense = w.unpack() if isinstance(w, StoredWeight) else w.detach()
+        setattr(experts, name, nn.Parameter(QuantizedWeight.of(dense, quant, group), requires_grad=False))
+    if not getattr(experts, "_moetune_dense_state", False):
+        experts._register_state_dict_hook(dense_state)
+        experts._moetune_dense_state = True
 
 
 def dense_state(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
@@ -121,6 +130,15 @@ class MoE(nn.Module):
             se = self.shared_expert
             out = out + ref.shared_expert(x2, se.gate_up_proj, se.down_proj, se.gate_weight, self.cfg)
         return out.reshape(*lead, self.cfg.hidden_size)
+
+    def quantize_(self, quant: str, group: int | None = None, target_kind: str = "cpu") -> MoE:
+        """This layer's routed experts quantized in place (MoEConfig.quantized picks the group; an impossible
+        format is an error before anything changes). Returns self."""
+        cfg = self.cfg.quantized(quant, group, target_kind)
+        if cfg is not self.cfg:
+            quantize_experts(self.experts, cfg.quant, cfg.quant_group)
+            self.cfg = cfg
+        return self
 
     @classmethod
     def from_hf_block(cls, block: nn.Module) -> MoE:

@@ -293,3 +293,24 @@ def test_minilm_embeddings_match_sentence_transformers():
     assert teacher_max_length(model, tok) == 256
     want = st.SentenceTransformer(str(resolve_teacher("minilm")), device="cpu").encode(HELDOUT, convert_to_tensor=True)
     torch.testing.assert_close(encode_with(model, tok, HELDOUT, 256), want, rtol=0, atol=1e-5)
+
+
+def test_a_quantized_student_packages_its_codes_and_loads_them(tiny_teacher, tmp_path):
+    from moetune.kernels.db import MemoryKernelDB
+    from moetune.kernels.quant import QuantizedWeight
+    from moetune.model import load, package
+
+    model, tok = tiny_teacher
+    student = moefy((model, tok), experts=2, top_k=1, calib_texts=SENTENCES)  # expert width 32
+    dense = student.encode(HELDOUT)
+    with pytest.raises(ValueError, match="quant_group"):
+        student.quantize_("int8", 64)  # 64 does not divide the width: nothing changes
+    assert {c.quant for c in student.moe_cfgs.values()} == {"none"}
+    student.quantize_("int8")
+    assert all(isinstance(m.experts.down_proj, QuantizedWeight) for m in student.moe_layers())
+    quantized = student.encode(HELDOUT)
+    assert torch.nn.functional.cosine_similarity(quantized, dense).min() > 0.99
+    pkg = package(student, tmp_path / "q", db=MemoryKernelDB())
+    loaded = load(pkg)
+    assert {c.quant for c in loaded.moe_cfgs.values()} == {"int8"}
+    torch.testing.assert_close(loaded.encode(HELDOUT), quantized, rtol=0, atol=1e-5)

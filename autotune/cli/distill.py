@@ -18,7 +18,7 @@ from typing import Annotated, Any
 
 import typer
 
-from moetune.autotune.cli.common import JsonFlag, console, fail, print_json
+from moetune.autotune.cli.common import JsonFlag, QuantGroupOpt, QuantOpt, console, fail, print_json
 from moetune.model.distill.recipe import RECIPE
 
 
@@ -68,10 +68,14 @@ def _write_results(out_dir: Path, row: dict[str, Any]) -> None:
     (out_dir / "latest.json").write_text(json.dumps(row, indent=1, default=str) + "\n")
 
 
-def _check_before_start(teacher: str, experts: int, top_k: int, shared: int | None) -> None:
-    """The teacher and the split, checked against the teacher's config before any progress bar is drawn."""
+def _check_before_start(
+    teacher: str, experts: int, top_k: int, shared: int | None, quant: str | None = None, group: int | None = None
+) -> None:
+    """The teacher, the split and the weight format, checked against the teacher's config before any progress
+    bar is drawn."""
     import json
 
+    from moetune.model import MoEConfig
     from moetune.model.distill.moefy import check_split
     from moetune.model.distill.pipeline import resolve_teacher
     from moetune.model.distill.recipe import default_shared
@@ -79,7 +83,11 @@ def _check_before_start(teacher: str, experts: int, top_k: int, shared: int | No
     try:
         config = json.loads((resolve_teacher(teacher) / "config.json").read_text())
         intermediate = int(config["intermediate_size"])
-        check_split(intermediate, experts, top_k, default_shared(intermediate, experts) if shared is None else shared)
+        shared = default_shared(intermediate, experts) if shared is None else shared
+        check_split(intermediate, experts, top_k, shared)
+        if quant is not None:  # the routed experts' width must fit the quant group
+            width = (intermediate - shared) // experts
+            MoEConfig(int(config["hidden_size"]), width, experts, top_k, gated=False).quantized(quant, group)
     except (ValueError, OSError, KeyError, TypeError) as exc:
         fail(str(exc).splitlines()[0] if str(exc) else f"cannot read the teacher's config: {exc!r}")
 
@@ -114,6 +122,8 @@ def distill_command(
     eval_texts: Annotated[int, typer.Option(min=1, help="Held-out texts to evaluate the cosine on.")] = 512,
     bench_texts: Annotated[int, typer.Option(min=1, help="Held-out texts to time encoding on (batches of 64).")] = 512,
     seed: Annotated[int, typer.Option(help="Seed of the clustering and the training order.")] = 0,
+    quant: QuantOpt = None,
+    quant_group: QuantGroupOpt = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Distil a dense teacher into a shared expert + E routed experts (top-K) MoE student, tune, package it.
@@ -125,7 +135,9 @@ def distill_command(
         fail(f"--top-k ({top_k}) must be <= --experts ({experts})")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         fail(f"{out} exists and is not empty; choose another --out")
-    _check_before_start(teacher, experts, top_k, shared)
+    if quant_group is not None and quant is None:
+        fail("--quant-group needs --quant int8 or int4")
+    _check_before_start(teacher, experts, top_k, shared, quant, quant_group)
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from transformers.utils import logging as hf_logging
 
@@ -161,6 +173,9 @@ def distill_command(
         except (ValueError, OSError) as exc:
             fail(str(exc).splitlines()[0])
     t_distill = time.perf_counter() - t0
+    if quant is not None:  # after distillation (the student trains dense), before tuning and packaging
+        student.quantize_(quant, quant_group)
+        report["quant"] = {"format": quant, "group": next(iter(student.moe_cfgs.values())).quant_group}
     report = _finish(student, report, out, target, tune_trials, db, bench_texts, as_json)
     report.update(
         distill_seconds=t_distill,
@@ -232,6 +247,7 @@ def _row(report: dict, teacher: str, experts: int, top_k: int, steps: int, seed:
         "top_k": top_k,
         "steps": steps,
         "seed": seed,
+        "quant": report.get("quant", {}).get("format", "none"),
         "heldout_cosine_mean": round(report["heldout"]["cosine_mean"], 5),
         "heldout_cosine_min": round(report["heldout"]["cosine_min"], 5),
         "heldout_cosine_p05": round(report["heldout"]["cosine_p05"], 5),

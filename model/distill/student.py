@@ -148,6 +148,15 @@ class MoEStudent(nn.Module):
     def encode(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
         return encode_with(self.bert, self.tokenizer, list(texts), self.max_length, batch_size)
 
+    def quantize_(self, quant: str, group: int | None = None, target_kind: str = "cpu") -> MoEStudent:
+        """Every MoE layer's routed experts quantized in place (MoE.quantize_); every layer's format is checked
+        before the first one changes. The package then stores codes and scales. Returns self."""
+        cfgs = {n: cfg.quantized(quant, group, target_kind) for n, cfg in self.moe_cfgs.items()}
+        for n, cfg in cfgs.items():
+            self.moe_ffn(n).moe.quantize_(cfg.quant, cfg.quant_group)
+        self.moe_cfgs = cfgs
+        return self
+
     def ffn_flops_per_token(self) -> int:
         """FFN FLOPs (2 x multiply-adds) of one token through every layer: MoE layers + any dense ones left."""
         c = self.bert.config

@@ -39,10 +39,12 @@ Problem signatures (the kernel database keys on these; they are stable and docum
   gemm1  H,I,E,BM,gated,act,alpha,limit,bias,w_in  (gated: 1 = act(gate) * up from gate_up (E,2I,H), 0 = act(up)
                                                     from (E,I,H); w_in: routing weight applied to the input rows)
   gemm2  H,I,E,K,BM,bias,w_out                     (w_out: routing weight applied to the output rows)
-  qgemm1 gemm1's keys + wq,G                       quantized experts (cfg.quant): wq the code format (int8 /
-  qgemm2 gemm2's keys + wq,G                       int4), G weights per scale along the reduction; the dtype
-                                                   stays the activations'. Same launcher arguments as gemm1 /
-                                                   gemm2, the weight a QuantizedWeight (kernels/quant.py).
+  qgemm1 gemm1's keys + wq,G,aq                    quantized experts (cfg.quant): wq the code format (int8 /
+  qgemm2 gemm2's keys + wq,G,aq                    int4), G weights per scale along the reduction, aq 8 when
+                                                   the input is quantized to int8 per row and group of G too
+                                                   (w8a8 / w4a8), else 0; the dtype stays the activations'.
+                                                   Same launcher arguments as gemm1 / gemm2, the weight a
+                                                   QuantizedWeight (kernels/quant.py).
 The quantized GEMMs are ops of their own, not gemm1/gemm2 with a format key: the records tuned before them keep
 their signatures, and a launcher of one op always receives the same kind of weight.
 gemm1 gained `gated` with non-gated experts (issue #7): DB records from before it have another signature and are
@@ -65,8 +67,8 @@ _KEYS = {
     "gemm1": ("H", "I", "E", "BM", "gated", "act", "alpha", "limit", "bias", "w_in"),
     "gemm2": ("H", "I", "E", "K", "BM", "bias", "w_out"),
 }
-_KEYS["qgemm1"] = (*_KEYS["gemm1"], "wq", "G")
-_KEYS["qgemm2"] = (*_KEYS["gemm2"], "wq", "G")
+_KEYS["qgemm1"] = (*_KEYS["gemm1"], "wq", "G", "aq")
+_KEYS["qgemm2"] = (*_KEYS["gemm2"], "wq", "G", "aq")
 
 
 def _parse(text: str) -> Any:
@@ -153,11 +155,16 @@ class Problem:
         """The weights' code format of a quantized GEMM ("int8" / "int4"), else "none"."""
         return self["wq"] if self.op in ("qgemm1", "qgemm2") else "none"
 
+    @property
+    def act_quant(self) -> bool:
+        """Whether a quantized GEMM quantizes its input to int8 per row and group first (aq = 8: w8a8 / w4a8)."""
+        return self.quant != "none" and self["aq"] == 8
+
     def dense(self) -> Problem:
         """A quantized GEMM as the dense GEMM it computes on the dequantized weights (itself otherwise)."""
         if self.quant == "none":
             return self
-        dims = {k: v for k, v in self.dims if k not in ("wq", "G")}
+        dims = {k: v for k, v in self.dims if k not in ("wq", "G", "aq")}
         return Problem.make(self.op[1:], self.dtype, **dims)
 
 
@@ -218,7 +225,8 @@ def _gemm_problems(
     if cfg.activation == "swiglu_oai":
         act_args.update(alpha=float(cfg.swiglu_alpha), limit=float(cfg.swiglu_limit))
     # quantized: the routed experts only (the shared expert stays in the activations' dtype: model/moe.py)
-    quant = {} if cfg.quant == "none" or prefix != "experts" else {"wq": cfg.quant, "G": cfg.quant_group}
+    quant = {"wq": cfg.weight_quant, "G": cfg.quant_group, "aq": 8 if cfg.act_quant else 0}
+    quant = {} if cfg.quant == "none" or prefix != "experts" else quant
     q = "q" if quant else ""
     g1 = Problem.make(
         f"{q}gemm1", cfg.dtype, H=h, I=i, E=e, BM=bm, gated=cfg.gated, bias=bias, w_in=w_in, **act_args, **quant

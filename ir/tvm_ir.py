@@ -157,8 +157,15 @@ def gemm1_func(problem: Problem, panel: int) -> tvm.tirx.PrimFunc:
     )
     args = [x, tok, wt, bexp, *wgu, *xsum]
     bias = te.placeholder((e, (2 if gated else 1) * i), dt, name="bias") if problem["bias"] else None
-    if bias is not None:
-        args.append(bias)
+    out = gemm1_out(problem, panel, gu, wt, bexp, bias)
+    return te.create_prim_func([*args, *([bias] if bias is not None else []), out])
+
+
+def gemm1_out(problem: Problem, panel: int, gu, wt, bexp, bias) -> te.Tensor:
+    """gemm1's epilogue "A" (NB, BM, I) from its panelled fp32 accumulator gu (NB, BM, ceil(I/P) * W): the
+    routing weight (w_in), the bias, the activation (gated: gate column c and up column c + P of a panel)."""
+    i, dt, gated = problem["I"], problem.dtype, bool(problem["gated"])
+    width = 2 * panel if gated else panel
 
     def pre(b, m, col, n):  # one pre-activation: accumulator column col, bias column n, fp32
         v = gu[b, m, col]
@@ -173,8 +180,7 @@ def gemm1_func(problem: Problem, panel: int) -> tvm.tirx.PrimFunc:
         gv, uv = pre(b, m, col, n), pre(b, m, col + panel, n + i)
         return _act(problem["act"], gv, uv, problem["alpha"], problem["limit"]).astype(dt)
 
-    out = te.compute((nb, bm, i), epilogue, name="A")
-    return te.create_prim_func([*args, out])
+    return te.compute((gu.shape[0], gu.shape[1], i), epilogue, name="A")
 
 
 def gemm2_func(problem: Problem, panel: int) -> tvm.tirx.PrimFunc:
@@ -206,8 +212,14 @@ def gemm2_func(problem: Problem, panel: int) -> tvm.tirx.PrimFunc:
     )
     args = [act, wt, bexp, inv, *wd, *asum]
     bias = te.placeholder((e, h), dt, name="bias") if problem["bias"] else None
-    if bias is not None:
-        args.append(bias)
+    z, out = gemm2_out(problem, zacc, wt, bexp, inv, bias, t)
+    return te.create_prim_func([*args, *([bias] if bias is not None else []), z, out])
+
+
+def gemm2_out(problem: Problem, zacc, wt, bexp, inv, bias, t) -> tuple[te.Tensor, te.Tensor]:
+    """gemm2's epilogue "Z" (NB, BM, H) f32 from its accumulator zacc (bias, w_out) and the combine "O" (T, H):
+    each token's K rows of Z summed in a fixed order (deterministic, no atomics)."""
+    k, bm, dt = problem["K"], problem["BM"], problem.dtype
 
     def epilogue(b, m, n):
         v = zacc[b, m, n]
@@ -215,7 +227,7 @@ def gemm2_func(problem: Problem, panel: int) -> tvm.tirx.PrimFunc:
             v = v + bias[bexp[b], n].astype(F32)
         return v * wt[b, m] if problem["w_out"] else v
 
-    z = te.compute((nb, bm, h), epilogue, name="Z")
+    z = te.compute(tuple(zacc.shape), epilogue, name="Z")
 
     def combine(tt, n):
         total = None
@@ -225,8 +237,7 @@ def gemm2_func(problem: Problem, panel: int) -> tvm.tirx.PrimFunc:
             total = term if total is None else total + term
         return total.astype(dt)
 
-    out = te.compute((t, h), combine, name="O")
-    return te.create_prim_func([*args, z, out])
+    return z, te.compute((t, problem["H"]), combine, name="O")
 
 
 def route_logits_func(problem: Problem, panel: int) -> tvm.tirx.PrimFunc:

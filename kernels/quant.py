@@ -18,6 +18,16 @@ column c + W/2 (high nibble; for a gated panel, gate column c and its up column)
 gives two vectors of codes with an AND and a shift, where pairs along Kd needed a load, a shift and an AND per
 vector (measured: see results/<machine>/quant.md). Panel None keeps the natural layout above (what the GPU
 kernels and the torch backend read, and what a package stores).
+VNNI layout (kpack 4, the CPU's integer dot-product kernels of w8a8 / w4a8, ir/tvm_vnni.py): the codes of 4
+consecutive k of one column sit in one 32-bit word, as unsigned offset binary (code + 128, code + 8), because
+`vpdpbusd` multiplies unsigned bytes by signed ones (the activations): int8 (G, ceil(N/P), Kd/4, W, 4) bytes;
+int4 (G, ceil(N/P), Kd/8, W, 4) bytes whose low nibbles are k 0..3 of the 8 and high nibbles k 4..7, so one
+64-byte load gives two words' worth of unsigned codes with an AND and a shift. The scales as in the panels.
+
+Activations (w8a8 / w4a8). `quantize_rows` quantizes a GEMM's input per row and group of G along the reduction,
+symmetric, fp32 scale s = max|x| / 127, codes round(x / s) in [-127, 127] (llama.cpp's Q8_0, with an fp32
+scale); the reference computes on `fake_quant_rows` (codes * s in fp32) and the integer kernels on the codes,
+so both see the same inputs.
 
 QuantizedWeight is a tensor of the original shape and activation dtype whose only storage is the codes and
 scales: torch ops see the dequantized values (kernels/packed.py's StoredWeight), an in-place write
@@ -37,7 +47,43 @@ from moetune.kernels.packed import StoredWeight, pack, unpack
 aten = torch.ops.aten
 
 QMAX = {"int8": 127, "int4": 7}
+OFFSET = {"int8": 128, "int4": 8}  # the VNNI layout's unsigned codes are code + OFFSET
 SCALE_DTYPE = torch.float16
+KPACKS = (1, 4)  # codes of consecutive k per column stored together: 1 (the panels), 4 (VNNI)
+
+
+def quantize_rows(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., K) -> (codes (..., K) int8 in [-127, 127], scales (..., K/group) fp32), per row and group."""
+    blocks = x.detach().float().unflatten(-1, (x.shape[-1] // group, group))
+    scales = blocks.abs().amax(dim=-1) / 127.0
+    inv = torch.where(scales > 0, 1.0 / scales, torch.zeros_like(scales))
+    codes = (blocks * inv.unsqueeze(-1)).round_().clamp_(-127, 127).to(torch.int8).flatten(-2)
+    return codes, scales
+
+
+def fake_quant_rows(x: torch.Tensor, group: int) -> torch.Tensor:
+    """The values quantize_rows' codes stand for, in fp32: what a w8a8 / w4a8 GEMM multiplies."""
+    codes, scales = quantize_rows(x, group)
+    return (codes.float().unflatten(-1, (scales.shape[-1], group)) * scales.unsqueeze(-1)).flatten(-2)
+
+
+def _to_vnni(values: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Panel-layout code values (G, NP, Kd, W) int8 -> the VNNI layout's bytes (module doc)."""
+    g, npanel, kd, w = values.shape
+    u = (values.to(torch.int16) + OFFSET[fmt]).to(torch.uint8)
+    if fmt == "int8":
+        return u.reshape(g, npanel, kd // 4, 4, w).transpose(-1, -2).contiguous()
+    u = u.reshape(g, npanel, kd // 8, 2, 4, w).permute(0, 1, 2, 5, 3, 4)  # (.., Kd/8, W, half, 4)
+    return (u[..., 0, :] | (u[..., 1, :] << 4)).contiguous()
+
+
+def _from_vnni(codes: torch.Tensor, fmt: str) -> torch.Tensor:
+    """The inverse of _to_vnni: (G, NP, Kd, W) int8 code values."""
+    if fmt == "int8":
+        u = codes.transpose(-1, -2).flatten(2, 3)
+    else:
+        u = torch.stack((codes & 15, codes >> 4), dim=-2).permute(0, 1, 2, 4, 5, 3).flatten(2, 4)
+    return (u.to(torch.int16) - OFFSET[fmt]).to(torch.int8)
 
 
 def _check(w: torch.Tensor, fmt: str, group: int) -> None:
@@ -101,36 +147,51 @@ class QuantizedWeight(StoredWeight):
     group: int
     panel: int | None
     interleave: int | None
+    kpack: int
 
     @staticmethod
-    def __new__(cls, codes, scales, shape, dtype, fmt: str, group: int, panel=None, interleave=None):
+    def __new__(cls, codes, scales, shape, dtype, fmt: str, group: int, panel=None, interleave=None, kpack=1):
         t = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=codes.device)
         t.codes, t.scales, t.fmt, t.group, t.panel, t.interleave = codes, scales, fmt, group, panel, interleave
+        t.kpack = kpack
         return t
 
     @classmethod
     def of(
-        cls, w: torch.Tensor, fmt: str, group: int, panel: int | None = None, interleave: int | None = None
+        cls,
+        w: torch.Tensor,
+        fmt: str,
+        group: int,
+        panel: int | None = None,
+        interleave: int | None = None,
+        kpack: int = 1,
     ) -> QuantizedWeight:
         """Quantize `w` (G, N, Kd) and store it in panels of `panel` columns (None: natural layout)."""
         codes, scales = quantize(w, fmt, group)
-        return cls.from_parts(codes, scales, w.shape, w.dtype, fmt, group, panel, interleave)
+        return cls.from_parts(codes, scales, w.shape, w.dtype, fmt, group, panel, interleave, kpack)
 
     @classmethod
-    def from_parts(cls, codes, scales, shape, dtype, fmt, group, panel=None, interleave=None) -> QuantizedWeight:
-        """From natural-layout codes and scales (a package's), laid out in `panel` (no re-quantization)."""
+    def from_parts(
+        cls, codes, scales, shape, dtype, fmt, group, panel=None, interleave=None, kpack=1
+    ) -> QuantizedWeight:
+        """From natural-layout codes and scales (a package's), laid out in `panel` (no re-quantization); kpack 4:
+        the VNNI layout (module doc; panels only)."""
         g, n, kd = shape
         want = ((g, n, kd if fmt == "int8" else kd // 2), (g, n, kd // group))
         if (tuple(codes.shape), tuple(scales.shape)) != want:
             got = (tuple(codes.shape), tuple(scales.shape))
             raise ValueError(f"{fmt} codes/scales of a {tuple(shape)} weight must be {want}, got {got}")
-        if panel is not None and fmt == "int4":  # nibbles paired across the panel (module doc)
+        if kpack not in KPACKS or (kpack != 1 and (panel is None or kd % (4 if fmt == "int8" else 8))):
+            raise ValueError(f"kpack {kpack} needs panels and a reduction of a multiple of 8; got {shape}")
+        if panel is not None and kpack == 4:
+            codes, scales = _to_vnni(pack(decode(codes, fmt), panel, interleave), fmt), pack(scales, panel, interleave)
+        elif panel is not None and fmt == "int4":  # nibbles paired across the panel (module doc)
             values = pack(decode(codes, fmt), panel, interleave)
             half = values.shape[-1] // 2
             codes, scales = _nibbles(values[..., :half], values[..., half:]), pack(scales, panel, interleave)
         elif panel is not None:
             codes, scales = pack(codes, panel, interleave), pack(scales, panel, interleave)
-        return cls(codes, scales, torch.Size(shape), dtype, fmt, group, panel, interleave)
+        return cls(codes, scales, torch.Size(shape), dtype, fmt, group, panel, interleave, kpack)
 
     def natural(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(codes, scales) in the natural layout (views when already natural)."""
@@ -138,17 +199,20 @@ class QuantizedWeight(StoredWeight):
             return self.codes, self.scales
         n = self.shape[1]
         scales = unpack(self.scales, n, self.panel, self.interleave)
+        if self.kpack != 1:
+            values = unpack(_from_vnni(self.codes, self.fmt), n, self.panel, self.interleave)
+            return (values if self.fmt == "int8" else _nibbles(values[..., 0::2], values[..., 1::2])), scales
         if self.fmt == "int4":
             values = unpack(torch.cat(_halves(self.codes), dim=-1), n, self.panel, self.interleave)
             return _nibbles(values[..., 0::2], values[..., 1::2]), scales
         return unpack(self.codes, n, self.panel, self.interleave), scales
 
-    def in_layout(self, panel: int | None, interleave: int | None = None) -> QuantizedWeight:
+    def in_layout(self, panel: int | None, interleave: int | None = None, kpack: int = 1) -> QuantizedWeight:
         """The same codes in another layout (itself when it is that layout already)."""
-        if (panel, interleave) == (self.panel, self.interleave):
+        if (panel, interleave, kpack) == (self.panel, self.interleave, self.kpack):
             return self
         return QuantizedWeight.from_parts(
-            *self.natural(), self.shape, self.dtype, self.fmt, self.group, panel, interleave
+            *self.natural(), self.shape, self.dtype, self.fmt, self.group, panel, interleave, kpack
         )
 
     def dequantized(self) -> torch.Tensor:
@@ -160,7 +224,7 @@ class QuantizedWeight(StoredWeight):
         return self.dequantized().to(self.dtype)
 
     def _store(self, dense: torch.Tensor) -> None:
-        fresh = QuantizedWeight.of(dense, self.fmt, self.group, self.panel, self.interleave)
+        fresh = QuantizedWeight.of(dense, self.fmt, self.group, self.panel, self.interleave, self.kpack)
         self.codes.copy_(fresh.codes)
         self.scales.copy_(fresh.scales)
 
@@ -168,7 +232,9 @@ class QuantizedWeight(StoredWeight):
         return self._with(self.codes, self.scales)
 
     def _with(self, codes: torch.Tensor, scales: torch.Tensor) -> QuantizedWeight:
-        return QuantizedWeight(codes, scales, self.shape, self.dtype, self.fmt, self.group, self.panel, self.interleave)
+        return QuantizedWeight(
+            codes, scales, self.shape, self.dtype, self.fmt, self.group, self.panel, self.interleave, self.kpack
+        )
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
@@ -191,14 +257,15 @@ class QuantizedWeight(StoredWeight):
             return
         super().__setattr__(name, value)
 
-    def layout(self) -> tuple[int | None, int | None]:
-        return self.panel, self.interleave
+    def layout(self) -> tuple[int | None, ...]:
+        """(panel, interleave), and the kpack when it is not 1 (the VNNI layout)."""
+        return (self.panel, self.interleave) if self.kpack == 1 else (self.panel, self.interleave, self.kpack)
 
     def nbytes_stored(self) -> int:
         return self.codes.nbytes + self.scales.nbytes
 
     def __repr__(self, *, tensor_contents: Any = None) -> str:
-        where = "natural" if self.panel is None else f"panel={self.panel}"
+        where = "natural" if self.panel is None else f"panel={self.panel}" + (f" kpack={self.kpack}" * (self.kpack > 1))
         return f"QuantizedWeight(shape={tuple(self.shape)}, dtype={self.dtype}, {self.fmt} group={self.group}, {where})"
 
 

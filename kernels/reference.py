@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from moetune.kernels.ops import Aligned
-from moetune.kernels.quant import QuantizedWeight
+from moetune.kernels.quant import QuantizedWeight, fake_quant_rows
 from moetune.model.config import MoEConfig
 
 if TYPE_CHECKING:  # ir.program imports model.config, whose package imports this module
@@ -109,9 +109,15 @@ def expert_mlp(
     gate_up_b: torch.Tensor | None,  # (UI,)
     down_b: torch.Tensor | None,  # (H,)
     cfg: MoEConfig,
+    act_quant: bool = False,
 ) -> torch.Tensor:
-    """One expert MLP (gated or not, per cfg.gated): x (N, H) -> (N, H)."""
-    return F.linear(activation(F.linear(x, gate_up_w, gate_up_b), cfg), down_w, down_b)
+    """One expert MLP (gated or not, per cfg.gated): x (N, H) -> (N, H). `act_quant` (w8a8 / w4a8 routed
+    experts): each GEMM's input is first replaced by its int8 codes' values per row and group (kernels/quant.py)."""
+
+    def inp(v: torch.Tensor) -> torch.Tensor:
+        return fake_quant_rows(v, cfg.quant_group).to(v.dtype) if act_quant else v
+
+    return F.linear(inp(activation(F.linear(inp(x), gate_up_w, gate_up_b), cfg)), down_w, down_b)
 
 
 def routed_experts(
@@ -141,6 +147,7 @@ def routed_experts(
             None if gate_up_bias is None else gate_up_bias[e],
             None if down_bias is None else down_bias[e],
             cfg,
+            cfg.act_quant,
         ).float()
         out.index_add_(0, token, ye if cfg.apply_router_weight_on_input else ye * w)
     return out.to(x.dtype)
@@ -258,11 +265,18 @@ def _dequantized(w: torch.Tensor, problem: Problem) -> torch.Tensor:
     return w.dequantized()
 
 
+def _input(problem: Problem, rows: torch.Tensor) -> torch.Tensor:
+    """A quantized GEMM's input as it multiplies it: w8a8 / w4a8 (aq) the fp32 values of its int8 codes per row
+    and group (kernels/quant.py), else as it is."""
+    return fake_quant_rows(rows, problem["G"]) if problem.act_quant else rows
+
+
 def qgemm1(
     problem: Problem, x: torch.Tensor, al: Aligned, gate_up_proj: QuantizedWeight, gate_up_bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """gemm1 on the dequantized weights (fp32 values c * s, kernels/quant.py)."""
-    return gemm1(problem.dense(), x, al, _dequantized(gate_up_proj, problem), gate_up_bias)
+    """gemm1 on the dequantized weights (fp32 values c * s, kernels/quant.py), and with aq the quantized input."""
+    act = gemm1(problem.dense(), _input(problem, x), al, _dequantized(gate_up_proj, problem), gate_up_bias)
+    return act.to(x.dtype)
 
 
 def qgemm2(
@@ -273,5 +287,6 @@ def qgemm2(
     down_bias: torch.Tensor | None,
     num_tokens: int,
 ) -> torch.Tensor:
-    """gemm2 on the dequantized weights (fp32 values c * s, kernels/quant.py)."""
-    return gemm2(problem.dense(), act, al, _dequantized(down_proj, problem), down_bias, num_tokens)
+    """gemm2 on the dequantized weights (fp32 values c * s, kernels/quant.py), and with aq the quantized input."""
+    out = gemm2(problem.dense(), _input(problem, act), al, _dequantized(down_proj, problem), down_bias, num_tokens)
+    return out.to(act.dtype)

@@ -34,6 +34,7 @@ from moetune.kernels import reference as ref
 from moetune.kernels.packed import StoredWeight
 from moetune.kernels.quant import QuantizedWeight
 from moetune.model.config import MoEConfig
+from moetune.model.config.moe_config import WEIGHT_QUANT
 from moetune.model.hf.blocks import hf_block_config, hf_block_weights
 
 
@@ -68,12 +69,14 @@ class Experts(nn.Module):
 
 
 def quantize_experts(experts: nn.Module, quant: str, group: int) -> None:
-    """An Experts module's gate_up_proj and down_proj quantized in place (natural layout); its state_dict keeps
-    giving dense values."""
+    """An Experts module's gate_up_proj and down_proj quantized in place to `quant`'s weight codes (natural
+    layout; w8a8 / w4a8 store int8 / int4 codes: the activations are quantized by the kernels); its state_dict
+    keeps giving dense values."""
+    fmt = WEIGHT_QUANT.get(quant, quant)
     for name in ("gate_up_proj", "down_proj"):
         w = getattr(experts, name)
         dense = w.unpack() if isinstance(w, StoredWeight) else w.detach()
-        setattr(experts, name, nn.Parameter(QuantizedWeight.of(dense, quant, group), requires_grad=False))
+        setattr(experts, name, nn.Parameter(QuantizedWeight.of(dense, fmt, group), requires_grad=False))
     if not getattr(experts, "_moetune_dense_state", False):
         experts._register_state_dict_hook(dense_state)
         experts._moetune_dense_state = True

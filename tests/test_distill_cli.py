@@ -69,6 +69,8 @@ def test_distill_bad_input(tiny_teacher_dir, tmp_path):  # noqa: F811
     tiny = ["distill", "--teacher", str(tiny_teacher_dir), "-k", "1", "--out", str(tmp_path / "o")]
     _fails(runner.invoke(app, [*tiny, "-e", "5", "--shared", "0"]), "E=5")
     _fails(runner.invoke(app, [*tiny, "-e", "4", "--shared", "64"]), "shared")
-    _fails(runner.invoke(app, [*tiny, "-e", "4", "--shared", "0", "--quant", "int4"]), "must divide intermediate_size (16)")
+    _fails(
+        runner.invoke(app, [*tiny, "-e", "4", "--shared", "0", "--quant", "int4"]), "must divide intermediate_size (16)"
+    )
     _fails(runner.invoke(app, [*tiny, "-e", "2", "--shared", "0", "--quant", "fp8"]), "quant must be one of")
     _fails(runner.invoke(app, [*tiny, "-e", "2", "--quant-group", "64"]), "--quant-group needs --quant")

@@ -87,7 +87,7 @@ def test_a_quantized_layer_cannot_be_quantized_another_way():
 def test_quantized_problem_signature_round_trips_and_names_the_format():
     program = lower(_cfg(quant="int4", quant_group=64, intermediate_size=128), 16)
     g1, g2 = program.op("experts.gemm1"), program.op("experts.gemm2")
-    assert (g1.op, g2.op) == ("qgemm1", "qgemm2") and g1.signature.endswith(",wq=int4,G=64]:float32")
+    assert (g1.op, g2.op) == ("qgemm1", "qgemm2") and g1.signature.endswith(",wq=int4,G=64,aq=0]:float32")
     assert Problem.from_signature(g2.signature) == g2
     dense = lower(_cfg(intermediate_size=128), 16).op("experts.gemm1")
     assert g1.dense().op == "gemm1" and g1.dense().signature == dense.signature

@@ -50,7 +50,8 @@ from moetune.model.config import MoEConfig
 
 WEIGHT_TYPES = {"float32": "GGML_TYPE_F32", "bfloat16": "GGML_TYPE_BF16", "float16": "GGML_TYPE_F16"}
 # quantized experts (cfg.quant): llama.cpp's own formats of the same bits, quantized by ggml from our weights' values
-QUANT_TYPES = {"int8": "GGML_TYPE_Q8_0", "int4": "GGML_TYPE_Q4_0"}
+# (ggml's CPU dot products of Q8_0 / Q4_0 quantize the activations to Q8_0 whatever moetune's format: w8a8 / w4a8)
+QUANT_TYPES = {"int8": "GGML_TYPE_Q8_0", "int4": "GGML_TYPE_Q4_0", "w8a8": "GGML_TYPE_Q8_0", "w4a8": "GGML_TYPE_Q4_0"}
 NORM_CLAMP = 6.103515625e-5  # llama.cpp clamps the top-k weight sum to the smallest normal f16 before dividing
 PROBE_TOKENS = 512  # the token count of the MUL_MAT_ID llama.cpp asks a buffer type about
 

@@ -62,7 +62,7 @@ VERIFY_TOKENS = 16
 TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 5e-3}  # norm-wise rel. error vs the reference
 # an anchor quantizes the weights its own way (ggml's Q8_0 / Q4_0 rounding, and int8 activations in its dot
 # products): its distance to moetune's reference is a quantization step, not a kernel's rounding
-ANCHOR_QUANT_TOLERANCE = {"int8": 5e-2, "int4": 0.3}
+ANCHOR_QUANT_TOLERANCE = {"int8": 5e-2, "int4": 0.3, "w8a8": 5e-2, "w4a8": 0.3}
 
 
 @dataclass(frozen=True)

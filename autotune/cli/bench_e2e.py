@@ -14,7 +14,12 @@ from rich.table import Table
 from moetune.autotune.cli.common import console, err_console, fail, print_json
 
 E2E_PROVIDERS = ("hf-eager", "hf-grouped_mm", "tuned")  # the default set
-QUANT_PROVIDERS = ("tuned-int8", "tuned-int4")  # on request (--providers): quantized experts
+QUANT_PROVIDERS = (
+    "tuned-int8",
+    "tuned-int4",
+    "tuned-w8a8",
+    "tuned-w4a8",
+)  # on request (--providers): quantized experts
 E2E_CSV = "e2e.csv"
 
 

@@ -16,7 +16,10 @@ err_console = Console(stderr=True)
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
 QuantOpt = Annotated[
     str | None,
-    typer.Option(help="Quantized experts: int8 | int4 (weight-only, one scale per group) [default: as the dtype]."),
+    typer.Option(
+        help="Quantized experts: int8 | int4 (weight-only, one scale per group), w8a8 | w4a8 (the same codes, the "
+        "inputs quantized to int8 per token too: integer dot products on AVX-512 VNNI) [default: as the dtype]."
+    ),
 ]
 QuantGroupOpt = Annotated[
     int | None, typer.Option(help="Weights per scale with --quant: 32 | 64 | 128 [default: 32 on a CPU, 128 on a GPU].")
@@ -26,7 +29,7 @@ QuantGroupOpt = Annotated[
 def quantized(cfg: Any, quant: str | None, group: int | None, target_kind: str = "cpu") -> Any:
     """cfg with --quant / --quant-group applied; a bad format or group is a one-line failure."""
     if group is not None and quant is None:
-        fail("--quant-group needs --quant int8 or int4")
+        fail("--quant-group needs --quant (int8, int4, w8a8 or w4a8)")
     try:
         return cfg.quantized(quant, group, target_kind)
     except ValueError as exc:

@@ -136,7 +136,7 @@ def distill_command(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         fail(f"{out} exists and is not empty; choose another --out")
     if quant_group is not None and quant is None:
-        fail("--quant-group needs --quant int8 or int4")
+        fail("--quant-group needs --quant (int8, int4, w8a8 or w4a8)")
     _check_before_start(teacher, experts, top_k, shared, quant, quant_group)
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from transformers.utils import logging as hf_logging

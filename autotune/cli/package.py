@@ -65,7 +65,7 @@ def package_command(
     if not source.exists():
         fail(f"{source} does not exist")
     if quant_group is not None and quant is None:
-        fail("--quant-group needs --quant int8 or int4")
+        fail("--quant-group needs --quant (int8, int4, w8a8 or w4a8)")
     if quant is not None and is_package(source):
         fail("--quant quantizes a Hugging Face model directory; package the model again from its directory")
     if quant is not None and (source / "config.json").is_file():  # the format fits the model: checked before loading

@@ -17,7 +17,7 @@ from moetune.ir.program import Problem, route_config
 from moetune.ir.target import Target
 from moetune.kernels import reference as ref
 from moetune.kernels.ops import Aligned
-from moetune.kernels.quant import as_quantized, dequantize
+from moetune.kernels.quant import as_quantized, dequantize, fake_quant_rows
 from moetune.kernels.registry import KernelConfig, register_backend, register_impl
 from moetune.schedules.space import SearchSpace
 
@@ -104,6 +104,8 @@ def gemm1(
 ) -> torch.Tensor:
     i, weight_of = problem["I"], _experts(problem, gate_up_proj)
     rows = x[al.sorted_token.reshape(-1).long()]  # (NB*BM, H)
+    if problem.act_quant:  # w8a8 / w4a8: the quantized input's values (kernels/quant.py)
+        rows = fake_quant_rows(rows, problem["G"]).to(x.dtype)
     # (NB*BM, UI): U = 2 gated, else 1
     pre = torch.empty(rows.shape[0], gate_up_proj.shape[1], dtype=x.dtype, device=x.device)
     for e, lo, hi in _segments(al):
@@ -133,6 +135,8 @@ def gemm2(
 ) -> torch.Tensor:
     h, weight_of = problem["H"], _experts(problem, down_proj)
     rows = act.reshape(-1, act.shape[-1])  # (NB*BM, I)
+    if problem.act_quant:
+        rows = fake_quant_rows(rows, problem["G"]).to(act.dtype)
     z = torch.empty(rows.shape[0], h, dtype=act.dtype, device=act.device)
     for e, lo, hi in _segments(al):
         z[lo:hi] = F.linear(rows[lo:hi], weight_of(e))

@@ -25,7 +25,7 @@ from moetune.ir.target import Target
 from moetune.kernels.cache import TensorMemo
 from moetune.kernels.ops import Aligned, max_blocks
 from moetune.kernels.ops import check_tensor as _check
-from moetune.kernels.quant import QuantizedWeight, as_quantized
+from moetune.kernels.quant import QuantizedWeight, as_quantized, fake_quant_rows
 from moetune.kernels.registry import KernelConfig, register_backend, register_impl
 from moetune.kernels.triton import (
     align_kernel,
@@ -145,6 +145,8 @@ def gemm1(
     if problem["bias"]:
         _check("gate_up_bias", gate_up_bias, (e, u * i))
     x = x.contiguous()
+    if problem.act_quant:  # w8a8 / w4a8 on the GPU: the weight-only kernel on the quantized input's values
+        x = fake_quant_rows(x, problem["G"]).to(x.dtype)
     w, scales = _weight(problem, gate_up_proj, x.device)
     b = gate_up_bias.contiguous() if problem["bias"] else None
     out = torch.empty(al.num_blocks, bm, i, dtype=x.dtype, device=x.device)
@@ -184,6 +186,8 @@ def gemm2(
         _check("down_bias", down_bias, (e, h))
     point = config.as_dict()
     act = act.contiguous()
+    if problem.act_quant:
+        act = fake_quant_rows(act, problem["G"]).to(act.dtype)
     w, scales = _weight(problem, down_proj, act.device)
     b = down_bias.contiguous() if problem["bias"] else None
     t, dev = al.inverse.shape[0], act.device

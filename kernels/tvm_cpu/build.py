@@ -31,7 +31,13 @@ os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "1000")
 
 import tvm
 
-_KERNEL_SOURCES = ("ir/tvm_ir.py", "ir/tvm_script.py", "schedules/tvm_cpu.py", "kernels/tvm_cpu/build.py")
+_KERNEL_SOURCES = (
+    "ir/tvm_ir.py",
+    "ir/tvm_script.py",
+    "ir/tvm_vnni.py",
+    "schedules/tvm_cpu.py",
+    "kernels/tvm_cpu/build.py",
+)
 _CACHE = BuildCache("tvm", (".so",))
 
 

@@ -24,7 +24,7 @@ from moetune.kernels.cache import TensorMemo
 from moetune.kernels.ops import Aligned, max_blocks
 from moetune.kernels.ops import check_tensor as _check
 from moetune.kernels.packed import PackedWeight, pack
-from moetune.kernels.quant import QuantizedWeight
+from moetune.kernels.quant import QuantizedWeight, fake_quant_rows, quantize_rows
 from moetune.kernels.registry import KernelConfig, register_backend, register_impl
 from moetune.kernels.tvm_cpu.build import build
 from moetune.schedules import tvm_cpu
@@ -65,22 +65,26 @@ def _packed(source: torch.Tensor, part: slice, panel: int, interleave: int | Non
     return _PACKED.get([source], make, group=(part.start, part.stop, interleave), variant=panel)
 
 
-def _quantized(source: torch.Tensor, problem: Problem, panel: int, interleave: int | None) -> list[torch.Tensor]:
-    """[codes, scales] of a quantized GEMM's weight in the panels of `panel`: a QuantizedWeight of that layout
-    as it is (quantized in place: TunedMoE.pack_weights), else re-laid out or quantized once and memoised."""
+def _quantized(
+    source: torch.Tensor, problem: Problem, panel: int, interleave: int | None, kpack: int = 1
+) -> list[torch.Tensor]:
+    """[codes, scales] of a quantized GEMM's weight in the panels of `panel` (kpack 4: the VNNI layout): a
+    QuantizedWeight of that layout as it is (quantized in place: TunedMoE.pack_weights), else re-laid out or
+    quantized once and memoised."""
     fmt, group = problem["wq"], problem["G"]
+    layout = (panel, interleave) if kpack == 1 else (panel, interleave, kpack)
     if isinstance(source, QuantizedWeight) and (source.fmt, source.group) != (fmt, group):
         raise ValueError(f"{problem.op} needs {fmt} weights of group {group}, got {source!r}")
 
     def make() -> QuantizedWeight:
         if isinstance(source, QuantizedWeight):
-            return source.in_layout(panel, interleave)
-        return QuantizedWeight.of(source.detach(), fmt, group, panel, interleave)
+            return source.in_layout(*layout)
+        return QuantizedWeight.of(source.detach(), fmt, group, *layout)
 
-    if isinstance(source, QuantizedWeight) and source.layout() == (panel, interleave):
+    if isinstance(source, QuantizedWeight) and source.layout() == layout:
         q = source
     else:
-        q = _PACKED.get([source], make, group=("q", interleave), variant=panel)
+        q = _PACKED.get([source], make, group=("q", interleave, kpack), variant=panel)
     return [q.codes, q.scales]
 
 
@@ -96,6 +100,18 @@ def _weight_args(
         group = problem["G"]
         args.append(lhs.float().unflatten(-1, (lhs.shape[-1] // group, group)).sum(-1).contiguous())
     return args
+
+
+def _vnni_args(
+    problem: Problem, source: torch.Tensor, panel: int, interleave: int | None, lhs: torch.Tensor
+) -> list[torch.Tensor]:
+    """The arguments of a w8a8 / w4a8 reduction (ir/tvm_vnni.py) before rows and bexp: the input quantized per
+    row and group (codes as 32-bit words, scales, code sums), and after them the weight's VNNI words and scales."""
+    group = problem["G"]
+    xq, xs = quantize_rows(lhs, group)
+    xsum = xq.unflatten(-1, (xs.shape[-1], group)).sum(-1, dtype=torch.int32)
+    codes, scales = _quantized(source, problem, panel, interleave, kpack=4)
+    return [xq.view(torch.int32), xs, xsum], [codes.view(torch.int32).squeeze(-1), scales]
 
 
 @register_impl("route", "tvm")
@@ -158,6 +174,17 @@ def gemm1(
     nb_all, al = al.num_blocks, al.trimmed()
     mod = _module(problem, config, target)
     nt = config["nt"]
+    out = torch.empty(nb_all, bm, i, dtype=x.dtype)
+    out[al.num_blocks :] = 0  # empty trailing blocks
+    if tvm_cpu.vnni(problem, target):
+        lhs, weight = _vnni_args(problem, gate_up_proj, nt, i if gated else None, x.contiguous())
+        acc = torch.empty(al.num_blocks, bm, weight[0].shape[1] * weight[0].shape[3], dtype=torch.float32)
+        mod["acc"](*lhs, al.sorted_token, al.block_expert, *weight, acc)
+        bias = [gate_up_bias.contiguous()] if problem["bias"] else []
+        mod["main"](al.sorted_weight, al.block_expert, *bias, acc, out[: al.num_blocks])
+        return out
+    if problem.act_quant:  # w8a8 / w4a8 without VNNI: the weight-only kernel on the quantized input's values
+        x = fake_quant_rows(x, problem["G"]).to(x.dtype)
     args = [
         x.contiguous(),
         al.sorted_token,
@@ -168,8 +195,6 @@ def gemm1(
     ]
     if problem["bias"]:
         args.append(gate_up_bias.contiguous())
-    out = torch.empty(nb_all, bm, i, dtype=x.dtype)
-    out[al.num_blocks :] = 0  # empty trailing blocks
     mod["main"](*args, out[: al.num_blocks])
     return out
 
@@ -191,6 +216,19 @@ def gemm2(
     al = al.trimmed()
     mod = _module(problem, config, target)
     rows = act[: al.num_blocks].contiguous()
+    t = al.inverse.shape[0]
+    z = torch.empty(al.num_blocks, bm, h, dtype=torch.float32)
+    out = torch.empty(t, h, dtype=act.dtype)
+    if tvm_cpu.vnni(problem, target):
+        lhs, weight = _vnni_args(problem, down_proj, config["nt"], None, rows.view(-1, i))
+        slots = torch.arange(al.num_blocks * bm, dtype=torch.int32).view(-1, bm)
+        acc = torch.empty(al.num_blocks, bm, weight[0].shape[1] * weight[0].shape[3], dtype=torch.float32)
+        mod["acc"](*lhs, slots, al.block_expert, *weight, acc)
+        bias = [down_bias.contiguous()] if problem["bias"] else []
+        mod["main"](al.sorted_weight, al.block_expert, al.inverse, *bias, acc, z, out)
+        return out
+    if problem.act_quant:
+        rows = fake_quant_rows(rows, problem["G"]).to(rows.dtype)
     args = [
         rows,
         al.sorted_weight,
@@ -200,8 +238,5 @@ def gemm2(
     ]
     if problem["bias"]:
         args.append(down_bias.contiguous())
-    t = al.inverse.shape[0]
-    z = torch.empty(al.num_blocks, bm, h, dtype=torch.float32)
-    out = torch.empty(t, h, dtype=act.dtype)
     mod["main"](*args, z, out)
     return out

@@ -23,7 +23,9 @@ scored by `group_score`) and scaled (`routed_scaling_factor`).
 
 Quantized experts (`quant`): the routed experts' weights stored as symmetric int8 or int4 codes with one scale
 per group of `quant_group` consecutive weights along the reduction (kernels/quant.py); the router, the shared
-expert (a dense MLP every token runs), biases and activations stay in `dtype` (weight-only quantization).
+expert (a dense MLP every token runs), biases and activations stay in `dtype` (weight-only quantization:
+int8 / int4). w8a8 / w4a8 keep the same codes and also quantize each expert GEMM's input to int8 per token and
+group on the fly (kernels/quant.py), which lets CPUs with integer dot products (AVX-512 VNNI) multiply bytes.
 
 Experts are gated MLPs, act(x Wg^T + bg) * (x Wu^T + bu) then the down projection (`gated=True`, every
 published MoE), or plain MLPs act(x Wu^T + bu) then down (`gated=False`: BERT-style FFNs and students
@@ -45,7 +47,11 @@ ROUTERS = ("softmax", "sigmoid", "topk_softmax", "topk_sigmoid", "topk_hard")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swiglu_oai")
 NON_GATED_ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")  # swiglu_oai clamps a gate and an up half
 GROUP_SCORES = ("max", "top2_sum")
-QUANTS = ("none", "int8", "int4")  # expert weight formats: as `dtype`, or int8 / int4 codes with group scales
+# expert weight formats: as `dtype`; int8 / int4 codes with group scales, the activations as they are (weight-only,
+# "w8a16" / "w4a16"); w8a8 / w4a8: the same codes, and each GEMM's input quantized to int8 per token and group on
+# the fly (llama.cpp's Q8_0 / Q4_0 dot products; integer VNNI dot products on CPUs that have them)
+QUANTS = ("none", "int8", "int4", "w8a8", "w4a8")
+WEIGHT_QUANT = {"int8": "int8", "int4": "int4", "w8a8": "int8", "w4a8": "int4"}  # a format's weight codes
 QUANT_GROUPS = (32, 64, 128)  # weights per scale along the reduction
 # the default group per target kind: 32 on CPUs (llama.cpp's Q8_0 / Q4_0), 128 on GPUs (GPTQ / AWQ checkpoints)
 QUANT_GROUP_DEFAULT = {"cpu": 32, "cuda": 128}
@@ -98,7 +104,7 @@ class MoEConfig:
     shared_intermediate_size: int = 0  # per shared expert; they run as one MLP of the summed width
     shared_expert_gate: bool = False  # Qwen2-MoE: sigmoid(x @ w) scales the shared expert's output
     dtype: str = "float32"
-    quant: str = "none"  # expert weights: "none" (stored in dtype), "int8" or "int4" (codes + one scale per group)
+    quant: str = "none"  # expert weights: "none" (stored in dtype), else one of QUANTS (codes + one scale per group)
     quant_group: int = 32  # weights per scale, along the reduction (H for gate_up, I for down)
     name: str = ""  # informational label (preset or HF model type); not part of any kernel key
 
@@ -178,9 +184,19 @@ class MoEConfig:
         return 2 if self.gated else 1
 
     @property
+    def weight_quant(self) -> str:
+        """The experts' weight code format: "int8" / "int4", or "none"."""
+        return WEIGHT_QUANT.get(self.quant, "none")
+
+    @property
+    def act_quant(self) -> bool:
+        """Whether the expert GEMMs quantize their inputs to int8 per token and group (w8a8 / w4a8)."""
+        return self.quant in ("w8a8", "w4a8")
+
+    @property
     def quant_bits(self) -> int:
         """Bits per stored expert weight code: 8 / 4 when quantized, else the dtype's width."""
-        return {"int8": 8, "int4": 4}.get(self.quant, 32 if self.dtype == "float32" else 16)
+        return {"int8": 8, "int4": 4}.get(self.weight_quant, 32 if self.dtype == "float32" else 16)
 
     def quantized(self, quant: str | None, group: int | None = None, target_kind: str = "cpu") -> MoEConfig:
         """This layer with its experts in `quant` (None: as it is), `group` weights per scale (None: the target

@@ -49,7 +49,7 @@ def _buffer(t: torch.Tensor) -> torch.Tensor:
     return getattr(t, "packed", None) if isinstance(t, PackedWeight) else getattr(t, "codes", t)
 
 
-def _stored(old: torch.Tensor, layout: tuple[int | None, int | None], quant: tuple[str, int] | None) -> torch.Tensor:
+def _stored(old: torch.Tensor, layout: tuple[int | None, ...], quant: tuple[str, int] | None) -> torch.Tensor:
     """`old` in `layout`: packed panels, or for a quantized layer codes + scales (quantized now if it is dense)."""
     if quant is not None:
         if isinstance(old, QuantizedWeight):
@@ -63,6 +63,13 @@ def _stored(old: torch.Tensor, layout: tuple[int | None, int | None], quant: tup
     return PackedWeight.of(old.unpack() if isinstance(old, PackedWeight) else old.detach(), *layout)
 
 
+def _vnni(problem, target) -> bool:
+    """schedules.tvm_cpu.vnni, imported only where a panel says the tvm backend runs (the GPU path needs no TVM)."""
+    from moetune.schedules.tvm_cpu import vnni
+
+    return vnni(problem, target)
+
+
 def pack_in_place(root: nn.Module, weights: Weights, runner: LayerRunner) -> dict[str, tuple[int, int | None]]:
     """Pack the routed experts' weights of `root` (the module owning the parameters) in place, as the runner's
     CPU kernels read them. Returns {moetune weight name: (panel, gate|up interleave or None)} for what was
@@ -71,7 +78,7 @@ def pack_in_place(root: nn.Module, weights: Weights, runner: LayerRunner) -> dic
     the runner does not use the tvm backend. The caller must drop its own references to the old weights
     (memoised conversions) for their storage to be freed."""
     cfg = runner.cfg
-    quant = None if cfg.quant == "none" else (cfg.quant, cfg.quant_group)
+    quant = None if cfg.quant == "none" else (cfg.weight_quant, cfg.quant_group)
     panels = runner.layouts()
     if not panels and quant is None:
         return {}
@@ -88,7 +95,10 @@ def pack_in_place(root: nn.Module, weights: Weights, runner: LayerRunner) -> dic
         interleave = problem["I"] if op == "experts.gemm1" and problem["gated"] and panel is not None else None
         layout = (panel, interleave)
         old = module._parameters[attr]
-        new = _stored(old, layout, quant)
+        if quant is not None and panel is not None and _vnni(problem, runner.target):
+            new = _stored(old, (*layout, 4), quant)  # the integer dot-product kernels' layout (kernels/quant.py)
+        else:
+            new = _stored(old, layout, quant)
         if new is not old:
             del old
             setattr(module, attr, nn.Parameter(new, requires_grad=False))

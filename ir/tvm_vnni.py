@@ -1,0 +1,160 @@
+"""The w8a8 / w4a8 expert GEMMs on CPUs with AVX-512 VNNI: integer dot products (`vpdpbusd`) in TVMScript.
+
+Legend: T tokens, R input rows, NB blocks, BM rows per block, E experts, K reduction, G group, P panel, W panel
+width (2P for a gated gemm1, else P), NP panels, KB codes per 32-bit word of the weight (4 int8, 8 int4).
+
+Why not the TE templates of ir/tvm_ir.py. A weight-only quantized GEMM widens each code to fp32 and runs one
+FMA per weight and row: on the Zen4 host int4 came out compute-bound at 0.66-0.87x llama.cpp's Q4_0, which
+quantizes the activations to int8 and multiplies bytes (results/amd-epyc-znver4-2c-x86_64/RESULTS.md). Here one
+`vpdpbusd` multiplies 64 unsigned weight bytes by 4 broadcast signed activation bytes and adds each 4 products
+into 16 int32 lanes: 4 k of 16 columns in one instruction. TE cannot state an instruction over 4 k at once
+(tensorize would have to match the indirect row read x[tok[b, m]]), so the reduction is written as a loop
+nest with the vector types explicit; its epilogue stays TE (`epilogue_func`).
+
+The reduction ("acc" function). Inputs: the rows' int8 codes as 32-bit words xq (R, K/4), their fp32 scales
+xs (R, K/G) and code sums xsum (R, K/G) (kernels/quant.py: quantize_rows), the block rows `rows` (NB, BM)
+(gemm1: the token of each slot; gemm2: the slot itself), the block experts bexp (NB,), the weight codes in the
+VNNI layout (E, NP, K/KB, W) words, unsigned offset binary (kernels/quant.py), and their scales (E, NP, K/G, W)
+fp16. Output acc (NB, BM, NP * W) fp32, the panelled accumulator the TE epilogues read (tvm_ir.gemm1_out and
+gemm2_out). Per register tile of mt rows x W columns and per group: int32 sums of codes x codes, then
+  acc += float(isum - OFFSET * xsum) * (weight scale * input scale)
+(the unsigned codes are code + OFFSET, so OFFSET times the input's code sum comes off once per group). The
+tile's int32 and fp32 accumulators stay in registers; the weight words are read once per tile.
+  nt    P, the panel width (a multiple of 16 lanes)
+  mt    rows per register tile (divides BM)
+  order "panels_outer" (one expert's panel stays in cache across its blocks) or "blocks_outer"; the parallel
+        loop is always blocks x panels fused.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import te
+from tvm.script import tirx as T
+
+from moetune.ir import tvm_ir
+from moetune.ir.program import Problem
+
+LANES = 16  # int32 lanes of a zmm register
+OFFSET = {"int8": 128, "int4": 8}  # kernels/quant.py: the VNNI layout's codes are code + OFFSET
+CODES_PER_WORD = {"int8": 4, "int4": 8}
+
+
+def dims(problem: Problem, panel: int) -> tuple[int, int, int]:
+    """(reduction K, panels NP, panel width W) of a quantized GEMM in panels of `panel` columns."""
+    if problem.gemm == "gemm1":
+        return problem["H"], -(-problem["I"] // panel), (2 if problem["gated"] else 1) * panel
+    return problem["I"], -(-problem["H"] // panel), panel
+
+
+def acc_func(problem: Problem, panel: int, mt: int, panels_outer: bool) -> tvm.tirx.PrimFunc:
+    """The reduction of a w8a8 / w4a8 GEMM (module doc): xq, xs, xsum, rows, bexp, codes, scales -> acc."""
+    fmt, g_, bm, e_ = problem["wq"], problem["G"], problem["BM"], problem["E"]
+    k_, np_, w_ = dims(problem, panel)
+    nc, kb, off = w_ // LANES, CODES_PER_WORD[fmt], OFFSET[fmt]
+    words, ngroups = g_ // kb, k_ // g_  # weight words per group; groups
+    int4 = fmt == "int4"
+    vdp = T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512")
+
+    def lanes(i):
+        return T.ramp(i * LANES, 1, LANES)
+
+    @T.prim_func
+    def acc_fn(
+        xq_h: T.handle,
+        xs_h: T.handle,
+        xsum_h: T.handle,
+        rows_h: T.handle,
+        bexp_h: T.handle,
+        codes: T.Buffer((e_, np_, k_ // kb, w_), "int32"),
+        scales: T.Buffer((e_, np_, ngroups, w_), "float16"),
+        acc_h: T.handle,
+    ):
+        T.func_attr({"global_symbol": "acc", "tirx.noalias": True})
+        nr, nb = T.int32(), T.int32()
+        xq = T.match_buffer(xq_h, (nr, k_ // 4), "int32")
+        xs = T.match_buffer(xs_h, (nr, ngroups), "float32")
+        xsum = T.match_buffer(xsum_h, (nr, ngroups), "int32")
+        rows = T.match_buffer(rows_h, (nb, bm), "int32")
+        bexp = T.match_buffer(bexp_h, (nb,), "int32")
+        acc = T.match_buffer(acc_h, (nb, bm, np_ * w_), "float32")
+        for pb in T.parallel(np_ * nb):
+            p = T.meta_var(pb // nb if panels_outer else pb % np_)
+            b = T.meta_var(pb % nb if panels_outer else pb // np_)
+            for m0 in range(bm // mt):
+                accf = T.alloc_buffer((mt * nc * LANES,), "float32", scope="local")
+                acci = T.alloc_buffer((mt * nc * LANES,), "int32", scope="local")
+                for i in T.unroll(mt * nc):
+                    accf[lanes(i)] = T.broadcast(T.float32(0), LANES)
+                for g in range(ngroups):
+                    for i in T.unroll(mt * nc):
+                        acci[lanes(i)] = T.broadcast(T.int32(0), LANES)
+                    for q in T.unroll(words):
+                        for c in T.unroll(nc):
+                            v = codes[bexp[b], p, g * words + q, lanes(c)]
+                            for r in T.unroll(mt):
+                                x0 = xq[rows[b, m0 * mt + r], g * (g_ // 4) + q * (kb // 4)]
+                                if int4:  # low nibbles: k 0..3 of the word's 8, high nibbles: k 4..7
+                                    lo = T.bitwise_and(v, T.broadcast(T.int32(0x0F0F0F0F), LANES))
+                                    hi = T.bitwise_and(
+                                        T.shift_right(v, T.broadcast(T.int32(4), LANES)),
+                                        T.broadcast(T.int32(0x0F0F0F0F), LANES),
+                                    )
+                                    x1 = xq[rows[b, m0 * mt + r], g * (g_ // 4) + q * 2 + 1]
+                                    acci[lanes(r * nc + c)] = T.call_llvm_pure_intrin(
+                                        vdp,
+                                        acci[lanes(r * nc + c)],
+                                        T.reinterpret(lo, dtype="int8x64"),
+                                        T.reinterpret(T.broadcast(x0, LANES), dtype="int8x64"),
+                                        dtype="int32x16",
+                                    )
+                                    acci[lanes(r * nc + c)] = T.call_llvm_pure_intrin(
+                                        vdp,
+                                        acci[lanes(r * nc + c)],
+                                        T.reinterpret(hi, dtype="int8x64"),
+                                        T.reinterpret(T.broadcast(x1, LANES), dtype="int8x64"),
+                                        dtype="int32x16",
+                                    )
+                                else:
+                                    acci[lanes(r * nc + c)] = T.call_llvm_pure_intrin(
+                                        vdp,
+                                        acci[lanes(r * nc + c)],
+                                        T.reinterpret(v, dtype="int8x64"),
+                                        T.reinterpret(T.broadcast(x0, LANES), dtype="int8x64"),
+                                        dtype="int32x16",
+                                    )
+                    for c in T.unroll(nc):
+                        ws = T.Cast("float32x16", scales[bexp[b], p, g, lanes(c)])
+                        for r in T.unroll(mt):
+                            row = rows[b, m0 * mt + r]
+                            isum = acci[lanes(r * nc + c)] - T.broadcast(xsum[row, g] * off, LANES)
+                            accf[lanes(r * nc + c)] = accf[lanes(r * nc + c)] + T.Cast("float32x16", isum) * (
+                                ws * T.broadcast(xs[row, g], LANES)
+                            )
+                for r in T.unroll(mt):
+                    for c in T.unroll(nc):
+                        acc[b, m0 * mt + r, T.ramp(p * w_ + c * LANES, 1, LANES)] = accf[lanes(r * nc + c)]
+
+    return acc_fn
+
+
+def epilogue_func(problem: Problem, panel: int) -> tvm.tirx.PrimFunc:
+    """The TE epilogue ("main") over acc: gemm1's "A" (args wt, bexp [, bias], acc, act) or gemm2's "Z" and
+    "O" (args wt, bexp, inv [, bias], acc, z, out): the same code as the dense kernels' (ir/tvm_ir.py)."""
+    e, bm, dt = problem["E"], problem["BM"], problem.dtype
+    _, np_, w_ = dims(problem, panel)
+    nb = te.var("NB")
+    acc = te.placeholder((nb, bm, np_ * w_), "float32", name="acc")
+    wt = te.placeholder((nb, bm), "float32", name="wt")
+    bexp = te.placeholder((nb,), "int32", name="bexp")
+    if problem.gemm == "gemm1":
+        u = 2 if problem["gated"] else 1
+        bias = te.placeholder((e, u * problem["I"]), dt, name="bias") if problem["bias"] else None
+        out = tvm_ir.gemm1_out(problem, panel, acc, wt, bexp, bias)
+        return te.create_prim_func([wt, bexp, *([bias] if bias is not None else []), acc, out])
+    t = te.var("T")
+    inv = te.placeholder((t, problem["K"]), "int32", name="inv")
+    bias = te.placeholder((e, problem["H"]), dt, name="bias") if problem["bias"] else None
+    zacc = te.compute((nb, bm, problem["H"]), lambda b, m, n: acc[b, m, n], name="Zacc")
+    z, out = tvm_ir.gemm2_out(problem, zacc, wt, bexp, inv, bias, t)
+    return te.create_prim_func([wt, bexp, inv, *([bias] if bias is not None else []), acc, z, out])

@@ -1,0 +1,171 @@
+"""w8a8 / w4a8 experts: the int8 / int4 codes with the GEMM inputs quantized to int8 per row and group.
+
+Legend: T tokens, H hidden, I intermediate, E experts, G weights (and inputs) per scale.
+The reference multiplies the fp32 values of both codes (kernels/quant.py: fake_quant_rows, dequantize), so a
+kernel is checked on the same codes at the dense tolerances (tests/test_quant.py). The integer dot-product
+kernels (ir/tvm_vnni.py) run only where the host has AVX-512 VNNI; elsewhere the same tests run the fallback
+(the weight-only kernels on the quantized input's values), and the VNNI kernels are compiled, not run, for a
+VNNI CPU (LLVM builds them on any host).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import rel_err
+
+from moetune.ir.program import lower
+from moetune.ir.target import resolve_target
+from moetune.kernels import reference as ref
+from moetune.kernels.quant import QuantizedWeight, fake_quant_rows, quantize_rows
+from moetune.kernels.registry import KernelConfig, backend_info, default_config, get_impl
+from moetune.kernels.tvm_cpu.build import compile_op
+from moetune.model import MoE, MoEConfig, TunedMoE
+from moetune.schedules import tvm_cpu
+
+FORMATS = ("w8a8", "w4a8")
+HOST = resolve_target("cpu")
+HOST_VNNI = tvm_cpu.vnni(lower(MoEConfig(64, 64, 4, 2, quant="w8a8"), 4).op("experts.gemm1"), HOST)
+
+
+def _cfg(**kw) -> MoEConfig:
+    base = dict(hidden_size=64, intermediate_size=96, num_experts=6, top_k=2)
+    return MoEConfig(**{**base, **kw})
+
+
+def _tol(dtype: str) -> float:
+    return 1e-5 if dtype == "float32" else 2.0**-7
+
+
+# ---- the format ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt,codes", [("w8a8", "int8"), ("w4a8", "int4")])
+def test_a8_formats_keep_the_weight_codes_and_lower_with_aq(fmt, codes):
+    cfg = _cfg(quant=fmt)
+    assert (cfg.weight_quant, cfg.act_quant, cfg.quant_bits) == (codes, True, 8 if codes == "int8" else 4)
+    g1 = lower(cfg, 4).op("experts.gemm1")
+    assert (g1.op, g1["wq"], g1["aq"], g1.act_quant) == ("qgemm1", codes, 8, True)
+    weight_only = lower(_cfg(quant=codes), 4).op("experts.gemm1")
+    assert weight_only["aq"] == 0 and not weight_only.act_quant and weight_only.signature != g1.signature
+    assert MoE(cfg).experts.down_proj.fmt == codes
+
+
+def test_rows_quantize_to_int8_per_group_within_half_a_step():
+    x = torch.randn(5, 128) * torch.logspace(-3, 2, 128)
+    x[2, 32:64] = 0.0  # an all-zero group: codes 0, scale 0
+    codes, scales = quantize_rows(x, 32)
+    assert codes.dtype == torch.int8 and codes.shape == (5, 128) and scales.shape == (5, 4)
+    assert int(codes.abs().max()) == 127 and int(codes.min()) >= -127
+    assert torch.equal(codes[2, 32:64], torch.zeros(32, dtype=torch.int8)) and scales[2, 1] == 0
+    step = scales.repeat_interleave(32, dim=1)
+    assert bool(((fake_quant_rows(x, 32) - x).abs() <= step / 2 + 1e-6 * x.abs()).all())
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("interleave", [None, 40])
+def test_the_vnni_layout_holds_the_same_codes(fmt, interleave):
+    w = torch.randn(3, 80, 64)
+    q = QuantizedWeight.of(w, fmt, 32)
+    v = q.in_layout(16, interleave, 4)
+    per_word = 4 if fmt == "int8" else 8
+    assert v.layout() == (16, interleave, 4) and v.codes.shape[2:] == (64 // per_word, 32 if interleave else 16, 4)
+    assert torch.equal(v.dequantized(), q.dequantized())
+    assert torch.equal(v.in_layout(None).codes, q.codes) and torch.equal(
+        v.in_layout(16, interleave).dequantized(), q.dequantized()
+    )
+    with pytest.raises(ValueError, match="kpack"):
+        q.in_layout(None, None, 4)
+
+
+# ---- the ops -------------------------------------------------------------------------------------------------
+def _case(cfg: MoEConfig, t: int):
+    program = lower(cfg, t)
+    layer = MoE(cfg)
+    x = torch.randn(t, cfg.hidden_size).to(cfg.torch_dtype)
+    weights, ids = layer.route(x)
+    return program, layer, x, ref.align(weights, ids, cfg.num_experts, program.block_m)
+
+
+def _check_ops(cfg: MoEConfig, backend: str, t: int = 19, point: dict | None = None) -> None:
+    program, layer, x, al = _case(cfg, t)
+    ex = layer.experts
+    g1, g2 = program.op("experts.gemm1"), program.op("experts.gemm2")
+    c1 = KernelConfig.of(backend, point) if point else default_config(g1, backend, HOST)
+    c2 = KernelConfig.of(backend, point) if point else default_config(g2, backend, HOST)
+    act = get_impl("qgemm1", backend).fn(g1, c1, HOST, x, al, ex.gate_up_proj, ex.gate_up_bias)
+    bias1 = None if ex.gate_up_bias is None else ex.gate_up_bias.float()
+    want_act = ref.qgemm1(g1, x, al, ex.gate_up_proj, bias1)
+    assert rel_err(act.float(), want_act.float()) <= _tol(cfg.dtype)
+    out = get_impl("qgemm2", backend).fn(g2, c2, HOST, act, al, ex.down_proj, ex.down_bias)
+    bias2 = None if ex.down_bias is None else ex.down_bias.float()
+    want = ref.qgemm2(g2, act, al, ex.down_proj, bias2, x.shape[0])
+    assert rel_err(out.float(), want.float()) <= _tol(cfg.dtype)
+
+
+CASES = [dict(), dict(dtype="bfloat16"), dict(gated=False, activation="gelu", expert_bias=True)]
+
+
+@pytest.mark.parametrize("backend", ["torch", "tvm"])
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("kw", CASES, ids=["fp32", "bf16", "non-gated-bias"])
+def test_a8_qgemms_match_the_reference(backend, fmt, kw):
+    _check_ops(_cfg(quant=fmt, **kw), backend)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_without_vnni_the_weight_only_kernels_run_on_the_quantized_inputs(fmt, monkeypatch):
+    monkeypatch.setattr(tvm_cpu, "vnni", lambda problem, target: False)
+    g1 = lower(_cfg(quant=fmt), 4).op("experts.gemm1")
+    assert "kt" in backend_info("tvm").space(g1, HOST).names
+    _check_ops(_cfg(quant=fmt), "tvm")
+
+
+@pytest.mark.skipif(not HOST_VNNI, reason="the host has no AVX-512 VNNI (the kernels are compiled below)")
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_vnni_tile_shape_and_order_is_right(fmt):
+    cfg = _cfg(quant=fmt, hidden_size=128, intermediate_size=64, num_experts=4)
+    program = lower(cfg, 64)
+    space = backend_info("tvm").space(program.op("experts.gemm1"), HOST)
+    ran = 0
+    for nt in (16, 32, 64):
+        for mt, order in ((1, "panels_outer"), (2, "blocks_outer"), (4, "panels_outer")):
+            point = {"nt": nt, "mt": mt, "order": order}
+            if space.is_feasible(point) and program.block_m % mt == 0:
+                _check_ops(cfg, "tvm", 64, point)
+                ran += 1
+    assert ran >= 5
+
+
+@pytest.mark.parametrize("spec,has", [("llvm -mcpu=cascadelake", True), ("llvm -mcpu=znver3", False)])
+def test_the_vnni_kernels_are_chosen_by_the_target_and_compile_for_it(spec, has):
+    target = resolve_target(spec)
+    for op in ("experts.gemm1", "experts.gemm2"):
+        for fmt in FORMATS:
+            problem = lower(_cfg(quant=fmt, expert_bias=True), 16).op(op)
+            assert tvm_cpu.vnni(problem, target) is has
+            space = backend_info("tvm").space(problem, target)
+            point = default_config(problem, "tvm", target).as_dict()
+            assert space.is_feasible(point) and ("kt" not in point) is has
+            if has:
+                assert not space.is_feasible({**point, "mt": 8, "nt": 64})  # the registers constraint
+                compile_op(problem, point, target)  # builds anywhere: LLVM knows the CPU
+    weight_only = lower(_cfg(quant="int4"), 16).op("experts.gemm1")
+    assert not tvm_cpu.vnni(weight_only, target)
+
+
+# ---- the layer -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_tuned_layer_runs_a8_experts_against_the_reference_layer(fmt):
+    cfg = _cfg(num_shared_experts=1, shared_intermediate_size=32)
+    moe = MoE(cfg).eval()
+    x = torch.randn(2, 7, cfg.hidden_size)
+    dense_out = moe(x)
+    tuned = TunedMoE.from_module(moe, quant=fmt, db=False)
+    assert moe.experts.gate_up_proj.fmt == {"w8a8": "int8", "w4a8": "int4"}[fmt]
+    if HOST_VNNI:  # quantized in place in the integer kernels' layout
+        assert moe.experts.gate_up_proj.kpack == 4
+    out, want = tuned(x), tuned.as_moe()(x)  # the reference layer of its config: both codes' values
+    assert rel_err(out, want) <= 1e-5
+    assert rel_err(out, dense_out) < {"w8a8": 0.03, "w4a8": 0.3}[fmt]
+    fresh = TunedMoE(tuned.cfg, db=False)
+    fresh.load_state_dict(tuned.state_dict())
+    assert rel_err(fresh(x), out) <= 1e-5

@@ -12,12 +12,12 @@ into 16 int32 lanes: 4 k of 16 columns in one instruction. TE cannot state an in
 nest with the vector types explicit; its epilogue stays TE (`epilogue_func`).
 
 The reduction ("acc" function). Inputs: the rows' int8 codes as 32-bit words xq (R, K/4), their fp32 scales
-xs (R, K/G) and code sums xsum (R, K/G) (kernels/quant.py: quantize_rows), the block rows `rows` (NB, BM)
-(gemm1: the token of each slot; gemm2: the slot itself), the block experts bexp (NB,), the weight codes in the
-VNNI layout (E, NP, K/KB, W) words, unsigned offset binary (kernels/quant.py), and their scales (E, NP, K/G, W)
-fp16. Output acc (NB, BM, NP * W) fp32, the panelled accumulator the TE epilogues read (tvm_ir.gemm1_out and
-gemm2_out). Per register tile of mt rows x W columns and per group: int32 sums of codes x codes, then
-  acc += float(isum - OFFSET * xsum) * (weight scale * input scale)
+xs (R, K/G) and code sums xsum (R, K/G) ("quant": kernels/quant.py's quantize_rows in TVM), the block rows
+`rows` (NB, BM) (gemm1: the token of each slot; gemm2: the slot itself), the block experts bexp (NB,), the
+weight codes in the VNNI layout (E, NP, K/KB, W) words, unsigned offset binary (kernels/quant.py), and their
+scales (E, NP, K/G, W) fp16. Output acc (NB, BM, NP * W) fp32, the panelled accumulator the TE epilogues read
+(tvm_ir.gemm1_out and gemm2_out). Per register tile of mt rows x W columns and per group: int32 sums of codes x codes,
+then  acc += float(isum - OFFSET * xsum) * (weight scale * input scale)
 (the unsigned codes are code + OFFSET, so OFFSET times the input's code sum comes off once per group). The
 tile's int32 and fp32 accumulators stay in registers; the weight words are read once per tile.
   nt    P, the panel width (a multiple of 16 lanes)
@@ -136,6 +136,45 @@ def acc_func(problem: Problem, panel: int, mt: int, panels_outer: bool) -> tvm.t
                         acc[b, m0 * mt + r, T.ramp(p * w_ + c * LANES, 1, LANES)] = accf[lanes(r * nc + c)]
 
     return acc_fn
+
+
+def quant_func(problem: Problem) -> tvm.tirx.PrimFunc:
+    """The input rows quantized to int8 per row and group ("quant"): x (R, K) -> codes (R, K) int8, scales (R, K/G)
+    fp32, code sums (R, K/G) int32. The same arithmetic as kernels/quant.py's quantize_rows (fp32 max / 127, its
+    reciprocal, round half to even, clamp to +-127), so the kernel and the reference see the same codes; in TVM
+    rather than torch because a torch op between two TVM calls costs more than the quantization (its OpenMP
+    threads and TVM's take turns on the cores: 0.18 ms per GEMM at T=1 on the Intel host, the kernel 0.01 ms)."""
+    g_, dt = problem["G"], problem.dtype
+    k_ = problem["H"] if problem.gemm == "gemm1" else problem["I"]
+    ngroups = k_ // g_
+
+    @T.prim_func
+    def quant_fn(x_h: T.handle, q_h: T.handle, s_h: T.handle, sum_h: T.handle):
+        T.func_attr({"global_symbol": "quant", "tirx.noalias": True})
+        nr = T.int32()
+        x = T.match_buffer(x_h, (nr, k_), dt)
+        q = T.match_buffer(q_h, (nr, k_), "int8")
+        xs = T.match_buffer(s_h, (nr, ngroups), "float32")
+        xsum = T.match_buffer(sum_h, (nr, ngroups), "int32")
+        for r in T.parallel(nr):
+            for g in range(ngroups):
+                amax = T.alloc_buffer((1,), "float32", scope="local")
+                isum = T.alloc_buffer((1,), "int32", scope="local")
+                amax[0] = T.float32(0)
+                for j in range(g_):
+                    amax[0] = T.max(amax[0], T.abs(T.Cast("float32", x[r, g * g_ + j])))
+                xs[r, g] = amax[0] / T.float32(127)
+                isum[0] = 0
+                for j in range(g_):
+                    inv = T.if_then_else(xs[r, g] > T.float32(0), T.float32(1) / xs[r, g], T.float32(0))
+                    c = T.max(
+                        T.min(T.nearbyint(T.Cast("float32", x[r, g * g_ + j]) * inv), T.float32(127)), T.float32(-127)
+                    )
+                    q[r, g * g_ + j] = T.Cast("int8", c)
+                    isum[0] = isum[0] + T.Cast("int32", c)
+                xsum[r, g] = isum[0]
+
+    return quant_fn
 
 
 def epilogue_func(problem: Problem, panel: int) -> tvm.tirx.PrimFunc:

@@ -169,3 +169,26 @@ def test_tuned_layer_runs_a8_experts_against_the_reference_layer(fmt):
     fresh = TunedMoE(tuned.cfg, db=False)
     fresh.load_state_dict(tuned.state_dict())
     assert rel_err(fresh(x), out) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_kernels_quantize_rows_exactly_as_the_reference(dtype):
+    """ir/tvm_vnni.py's "quant" (plain scalar TIR: it runs on any host) gives quantize_rows' codes, scales and
+    code sums bit for bit, ties (x / s = k + 0.5) rounded half to even like torch.round."""
+    import tvm
+
+    from moetune.ir.tvm_vnni import quant_func
+
+    problem = lower(_cfg(quant="w4a8", dtype=str(dtype).split(".")[1]), 4).op("experts.gemm1")
+    lib = tvm.compile(tvm.IRModule({"quant": quant_func(problem)}), target=tvm.target.Target(HOST.tvm))
+    x = torch.randn(5, 64)
+    x[0, :32] = torch.arange(32) - 15.5  # scale 16.5 / 127: no ties; row 1: scale exactly 1.0, ties at k + 0.5
+    x[1, :32] = torch.tensor([127.0, 2.5, 3.5, -2.5, -0.5, 0.5, 1.5] + [0.25] * 25)
+    x[2, 32:] = 0.0
+    x = x.to(dtype)
+    codes, scales, sums = torch.empty(5, 64, dtype=torch.int8), torch.empty(5, 2), torch.empty(5, 2, dtype=torch.int32)
+    lib["quant"](x, codes, scales, sums)
+    want_codes, want_scales = quantize_rows(x, 32)
+    assert torch.equal(codes, want_codes) and torch.equal(scales, want_scales)
+    assert torch.equal(sums, want_codes.view(5, 2, 32).sum(-1, dtype=torch.int32))
+    assert codes[1, :7].tolist() == [127, 2, 4, -2, 0, 0, 2]

@@ -24,7 +24,7 @@ from moetune.kernels.cache import TensorMemo
 from moetune.kernels.ops import Aligned, max_blocks
 from moetune.kernels.ops import check_tensor as _check
 from moetune.kernels.packed import PackedWeight, pack
-from moetune.kernels.quant import QuantizedWeight, fake_quant_rows, quantize_rows
+from moetune.kernels.quant import QuantizedWeight, fake_quant_rows
 from moetune.kernels.registry import KernelConfig, register_backend, register_impl
 from moetune.kernels.tvm_cpu.build import build
 from moetune.schedules import tvm_cpu
@@ -103,13 +103,15 @@ def _weight_args(
 
 
 def _vnni_args(
-    problem: Problem, source: torch.Tensor, panel: int, interleave: int | None, lhs: torch.Tensor
-) -> list[torch.Tensor]:
-    """The arguments of a w8a8 / w4a8 reduction (ir/tvm_vnni.py) before rows and bexp: the input quantized per
-    row and group (codes as 32-bit words, scales, code sums), and after them the weight's VNNI words and scales."""
-    group = problem["G"]
-    xq, xs = quantize_rows(lhs, group)
-    xsum = xq.unflatten(-1, (xs.shape[-1], group)).sum(-1, dtype=torch.int32)
+    mod: Any, problem: Problem, source: torch.Tensor, panel: int, interleave: int | None, lhs: torch.Tensor
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The arguments of a w8a8 / w4a8 reduction (ir/tvm_vnni.py) before rows and bexp: the input (R, K) quantized
+    per row and group by the module's "quant" (codes as 32-bit words, scales, code sums), and after them the
+    weight's VNNI words and scales."""
+    rows, k = lhs.shape
+    xq = torch.empty(rows, k, dtype=torch.int8)
+    xs, xsum = torch.empty(rows, k // problem["G"]), torch.empty(rows, k // problem["G"], dtype=torch.int32)
+    mod["quant"](lhs, xq, xs, xsum)
     codes, scales = _quantized(source, problem, panel, interleave, kpack=4)
     return [xq.view(torch.int32), xs, xsum], [codes.view(torch.int32).squeeze(-1), scales]
 
@@ -177,7 +179,7 @@ def gemm1(
     out = torch.empty(nb_all, bm, i, dtype=x.dtype)
     out[al.num_blocks :] = 0  # empty trailing blocks
     if tvm_cpu.vnni(problem, target):
-        lhs, weight = _vnni_args(problem, gate_up_proj, nt, i if gated else None, x.contiguous())
+        lhs, weight = _vnni_args(mod, problem, gate_up_proj, nt, i if gated else None, x.contiguous())
         acc = torch.empty(al.num_blocks, bm, weight[0].shape[1] * weight[0].shape[3], dtype=torch.float32)
         mod["acc"](*lhs, al.sorted_token, al.block_expert, *weight, acc)
         bias = [gate_up_bias.contiguous()] if problem["bias"] else []
@@ -220,7 +222,7 @@ def gemm2(
     z = torch.empty(al.num_blocks, bm, h, dtype=torch.float32)
     out = torch.empty(t, h, dtype=act.dtype)
     if tvm_cpu.vnni(problem, target):
-        lhs, weight = _vnni_args(problem, down_proj, config["nt"], None, rows.view(-1, i))
+        lhs, weight = _vnni_args(mod, problem, down_proj, config["nt"], None, rows.view(-1, i))
         slots = torch.arange(al.num_blocks * bm, dtype=torch.int32).view(-1, bm)
         acc = torch.empty(al.num_blocks, bm, weight[0].shape[1] * weight[0].shape[3], dtype=torch.float32)
         mod["acc"](*lhs, slots, al.block_expert, *weight, acc)

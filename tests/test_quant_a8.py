@@ -192,3 +192,42 @@ def test_the_kernels_quantize_rows_exactly_as_the_reference(dtype):
     assert torch.equal(codes, want_codes) and torch.equal(scales, want_scales)
     assert torch.equal(sums, want_codes.view(5, 2, 32).sum(-1, dtype=torch.int32))
     assert codes[1, :7].tolist() == [127, 2, 4, -2, 0, 0, 2]
+
+
+# ---- through the pipeline: tune -> DB -> TunedMoE, patch -> package -> load -----------------------------------
+def test_tune_stores_a8_winners_that_the_layer_reads(tmp_path):
+    from moetune.autotune import tune
+
+    cfg = MoEConfig(hidden_size=64, intermediate_size=64, num_experts=8, top_k=2, quant="w4a8", name="tiny")
+    db = str(tmp_path / "k.db")
+    report = tune(cfg, m=[8], trials=3, db=db, storage=str(tmp_path / "s.journal"), repeat=3)
+    gemms = {o.name: o for o in report.outcomes if o.name.startswith("experts.")}
+    assert {o.status for o in gemms.values()} == {"tuned"}
+    assert all(o.problem.startswith("qgemm") and "aq=8" in o.problem for o in gemms.values())
+    tuned = TunedMoE(cfg, db=db)
+    # the winners, their panel width pinned to the layout the weights were packed in once ("+layout")
+    assert all(d["source"].startswith("db:exact") for d in tuned.describe(8))
+    x = torch.randn(8, 64)
+    assert rel_err(tuned(x), tuned.as_moe()(x)) <= 1e-5
+
+
+def test_patch_w4a8_then_package_then_load_keeps_the_codes_and_the_outputs(tmp_path):
+    from test_quant import _qwen3
+
+    from moetune.kernels.db import MemoryKernelDB
+    from moetune.model import load, package, patch
+
+    model = _qwen3()
+    ids = torch.randint(0, 128, (1, 12))
+    with torch.no_grad():
+        dense = model(ids).logits
+    patch(model, quant="w4a8", db=False)
+    experts = [p for n, p in model.named_parameters() if "experts" in n]
+    assert all(isinstance(p, QuantizedWeight) and p.fmt == "int4" for p in experts)
+    with torch.no_grad():
+        got = model(ids).logits
+    assert rel_err(got, dense) < 0.3  # int4 weights and int8 inputs against the dense model: reported, loosely
+    loaded = load(package(model, tmp_path / "lm", db=MemoryKernelDB()))
+    assert {b.cfg.quant for b in loaded.modules() if isinstance(b, TunedMoE)} == {"w4a8"}
+    with torch.no_grad():
+        assert rel_err(loaded(ids).logits, got) <= 1e-5

@@ -59,6 +59,11 @@ def acc_func(problem: Problem, panel: int, mt: int, panels_outer: bool) -> tvm.t
     def lanes(i):
         return T.ramp(i * LANES, 1, LANES)
 
+    def dot(acc, codes, x):
+        """acc (16 x int32) + the 4-byte dot products of 16 words of unsigned codes with the broadcast word x."""
+        bytes_x = T.reinterpret(T.broadcast(x, LANES), dtype="int8x64")
+        return T.call_llvm_pure_intrin(vdp, acc, T.reinterpret(codes, dtype="int8x64"), bytes_x, dtype="int32x16")
+
     @T.prim_func
     def acc_fn(
         xq_h: T.handle,
@@ -101,28 +106,9 @@ def acc_func(problem: Problem, panel: int, mt: int, panels_outer: bool) -> tvm.t
                                         T.broadcast(T.int32(0x0F0F0F0F), LANES),
                                     )
                                     x1 = xq[rows[b, m0 * mt + r], g * (g_ // 4) + q * 2 + 1]
-                                    acci[lanes(r * nc + c)] = T.call_llvm_pure_intrin(
-                                        vdp,
-                                        acci[lanes(r * nc + c)],
-                                        T.reinterpret(lo, dtype="int8x64"),
-                                        T.reinterpret(T.broadcast(x0, LANES), dtype="int8x64"),
-                                        dtype="int32x16",
-                                    )
-                                    acci[lanes(r * nc + c)] = T.call_llvm_pure_intrin(
-                                        vdp,
-                                        acci[lanes(r * nc + c)],
-                                        T.reinterpret(hi, dtype="int8x64"),
-                                        T.reinterpret(T.broadcast(x1, LANES), dtype="int8x64"),
-                                        dtype="int32x16",
-                                    )
+                                    acci[lanes(r * nc + c)] = dot(dot(acci[lanes(r * nc + c)], lo, x0), hi, x1)
                                 else:
-                                    acci[lanes(r * nc + c)] = T.call_llvm_pure_intrin(
-                                        vdp,
-                                        acci[lanes(r * nc + c)],
-                                        T.reinterpret(v, dtype="int8x64"),
-                                        T.reinterpret(T.broadcast(x0, LANES), dtype="int8x64"),
-                                        dtype="int32x16",
-                                    )
+                                    acci[lanes(r * nc + c)] = dot(acci[lanes(r * nc + c)], v, x0)
                     for c in T.unroll(nc):
                         ws = T.Cast("float32x16", scales[bexp[b], p, g, lanes(c)])
                         for r in T.unroll(mt):

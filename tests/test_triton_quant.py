@@ -60,7 +60,9 @@ def _weight(w: torch.Tensor, fmt: str, group: int, kind: str, interleave: int | 
     return QuantizedWeight.of(w, fmt, group, 16 if kind == "panel" else None, interleave if kind == "panel" else None)
 
 
-def check_qgemm1(shape, fmt, group, dtype, point, kind="quantized", gated=True, act="silu", bias=False, w_in=False):
+def check_qgemm1(
+    shape, fmt, group, dtype, point, kind="quantized", gated=True, act="silu", bias=False, w_in=False, aq=0
+):
     from test_triton import _assert_close, _config, _gemm_inputs, _impl, _poisoned
 
     from moetune.kernels import reference as ref
@@ -70,7 +72,7 @@ def check_qgemm1(shape, fmt, group, dtype, point, kind="quantized", gated=True, 
     al, dt = _gemm_inputs(shape, dtype, "triton")
     alpha, limit = (1.702, 7.0) if act == "swiglu_oai" else (0.0, 0.0)
     dims = {"H": h, "I": i, "E": e, "BM": bm, "gated": gated, "act": act, "alpha": alpha, "limit": limit}
-    problem = Problem.make("qgemm1", dtype, **dims, bias=bias, w_in=w_in, wq=fmt, G=group)
+    problem = Problem.make("qgemm1", dtype, **dims, bias=bias, w_in=w_in, wq=fmt, G=group, aq=aq)
     u = 2 if gated else 1
     x = torch.randn(t, h).to(dt)
     w = _weight((3 * torch.randn(e, u * i, h) / h**0.5).to(dt), fmt, group, kind, i if gated else None)
@@ -83,7 +85,7 @@ def check_qgemm1(shape, fmt, group, dtype, point, kind="quantized", gated=True, 
     _assert_close(got, want, dtype)
 
 
-def check_qgemm2(shape, fmt, group, dtype, point, kind="quantized", bias=False, w_out=True):
+def check_qgemm2(shape, fmt, group, dtype, point, kind="quantized", bias=False, w_out=True, aq=0):
     from test_triton import _assert_close, _config, _gemm_inputs, _impl, _poisoned
 
     from moetune.kernels import reference as ref
@@ -91,7 +93,8 @@ def check_qgemm2(shape, fmt, group, dtype, point, kind="quantized", bias=False, 
 
     t, k, e, h, i, bm, _ = shape
     al, dt = _gemm_inputs(shape, dtype, "triton")
-    problem = Problem.make("qgemm2", dtype, H=h, I=i, E=e, K=k, BM=bm, bias=bias, w_out=w_out, wq=fmt, G=group)
+    dims = {"H": h, "I": i, "E": e, "K": k, "BM": bm}
+    problem = Problem.make("qgemm2", dtype, **dims, bias=bias, w_out=w_out, wq=fmt, G=group, aq=aq)
     act = torch.randn(al.num_blocks, bm, i).to(dt)
     w = _weight((torch.randn(e, h, i) / i**0.5).to(dt), fmt, group, kind)
     b = torch.randn(e, h).to(dt) if bias else None
@@ -110,7 +113,9 @@ def check_qgemm_refusals():
 
     shape = QSHAPES2["T=1"]
     al, _ = _gemm_inputs(shape, "float32", "triton")
-    problem = Problem.make("qgemm2", "float32", H=37, I=64, E=13, K=2, BM=2, bias=False, w_out=True, wq="int8", G=32)
+    problem = Problem.make(
+        "qgemm2", "float32", H=37, I=64, E=13, K=2, BM=2, bias=False, w_out=True, wq="int8", G=32, aq=0
+    )
     act, target = torch.randn(al.num_blocks, 2, 64), resolve_target("cpu")
     int4 = QuantizedWeight.of(torch.randn(13, 37, 64), "int4", 32)
     config = KernelConfig.of("triton", {**spaces.default_point(problem, target), "BLOCK_K": 32})
@@ -208,6 +213,15 @@ def interpreter():
 def test_qgemms_match_reference(interpreter, op, fmt, group, dtype):
     shape = (QSHAPES if op == "qgemm1" else QSHAPES2)["zero-token-experts"]
     interpreter(op, shape=shape, fmt=fmt, group=group, dtype=dtype, point={})
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("op", ["qgemm1", "qgemm2"])
+def test_a8_qgemms_run_the_weight_only_kernels_on_the_quantized_inputs(interpreter, op, fmt):
+    """w8a8 / w4a8 (aq=8) on the GPU: the launcher quantizes the input rows, the w*a16 kernel multiplies their
+    values; the reference quantizes them the same way."""
+    shape = (QSHAPES if op == "qgemm1" else QSHAPES2)["zero-token-experts"]
+    interpreter(op, shape=shape, fmt=fmt, group=32, dtype="float32", point={}, aq=8)
 
 
 TILE_POINTS = [
@@ -308,7 +322,7 @@ def test_the_shared_memory_floor_counts_codes_not_weights():
 def test_default_points_of_quantized_layers_are_feasible(kind):
     target = resolve_target("sm_90")
     for name in ("qwen3-30b-a3b", "mixtral-8x7b"):
-        for fmt in ("int8", "int4"):
+        for fmt in ("int8", "int4", "w4a8"):
             for group in (32, 64, 128):
                 cfg = MoEConfig.preset(name, dtype="bfloat16").quantized(fmt, group)
                 for t in (1, 64, 4096):

@@ -45,8 +45,10 @@ Problem signatures (the kernel database keys on these; they are stable and docum
                                                    (w8a8 / w4a8), else 0; the dtype stays the activations'.
                                                    Same launcher arguments as gemm1 / gemm2, the weight a
                                                    QuantizedWeight (kernels/quant.py).
-The quantized GEMMs are ops of their own, not gemm1/gemm2 with a format key: the records tuned before them keep
+The quantized GEMMs are ops of their own, not gemm1/gemm2 with a format key: the dense records tuned before them keep
 their signatures, and a launcher of one op always receives the same kind of weight.
+qgemm1 / qgemm2 gained `aq` with the w8a8 / w4a8 formats: int8 / int4 records from before it have another signature
+and are never looked up again (tune them again).
 gemm1 gained `gated` with non-gated experts (issue #7): DB records from before it have another signature and are
 never looked up again (their kernel source hash is stale too).
 """

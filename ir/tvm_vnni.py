@@ -40,6 +40,14 @@ OFFSET = {"int8": 128, "int4": 8}  # kernels/quant.py: the VNNI layout's codes a
 CODES_PER_WORD = {"int8": 4, "int4": 8}
 
 
+def _byte_vector() -> str:
+    """vpdpbusd's byte operands as LLVM types them: <64 x i8> from LLVM 22 (llvm/llvm-project#155194), <16 x i32>
+    before; TVM passes them as written, so the TVMScript names the type of the LLVM it is linked with."""
+    from tvm.target import codegen
+
+    return "int8x64" if codegen.llvm_version_major() >= 22 else "int32x16"
+
+
 def dims(problem: Problem, panel: int) -> tuple[int, int, int]:
     """(reduction K, panels NP, panel width W) of a quantized GEMM in panels of `panel` columns."""
     if problem.gemm == "gemm1":
@@ -55,14 +63,15 @@ def acc_func(problem: Problem, panel: int, mt: int, panels_outer: bool) -> tvm.t
     words, ngroups = g_ // kb, k_ // g_  # weight words per group; groups
     int4 = fmt == "int4"
     vdp = T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512")
+    byte_vector = _byte_vector()
 
     def lanes(i):
         return T.ramp(i * LANES, 1, LANES)
 
     def dot(acc, codes, x):
         """acc (16 x int32) + the 4-byte dot products of 16 words of unsigned codes with the broadcast word x."""
-        bytes_x = T.reinterpret(T.broadcast(x, LANES), dtype="int8x64")
-        return T.call_llvm_pure_intrin(vdp, acc, T.reinterpret(codes, dtype="int8x64"), bytes_x, dtype="int32x16")
+        bytes_x = T.reinterpret(T.broadcast(x, LANES), dtype=byte_vector)
+        return T.call_llvm_pure_intrin(vdp, acc, T.reinterpret(codes, dtype=byte_vector), bytes_x, dtype="int32x16")
 
     @T.prim_func
     def acc_fn(

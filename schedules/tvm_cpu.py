@@ -160,7 +160,7 @@ def default_point(problem: Problem, target: Target) -> Point:
         return {}
     n, red, _, tiles = _gemm_dims(problem)
     if vnni(problem, target):
-        nt = max(16, 64 // tiles) if max(16, 64 // tiles) < 2 * n else 16
+        nt = next((v for v in (64 // tiles, 32, 16) if 16 <= v < 2 * n), 16)
         mt = next(v for v in (4, 3, 2, 1) if sp.is_feasible({"nt": nt, "mt": v, "order": "panels_outer"}))
         return {"nt": nt, "mt": mt, "order": "panels_outer"}
     lanes, _ = simd(target)

@@ -45,7 +45,7 @@ def bench_command(
         str | None,
         typer.Option(
             help="Comma-separated expert weight formats, each its own cells: none, int8, int4 (weight-only, one "
-            "fp16 scale per 32 weights), w8a8, w4a8 (the same codes, inputs quantized to int8 per token; the "
+            "fp16 scale per 32 weights), w8a8, w4a8 (the same codes, inputs quantized to int8 per token and group; the "
             "ggml provider runs llama.cpp's Q8_0 / Q4_0 there). Default: none."
         ),
     ] = None,

@@ -18,7 +18,8 @@ QuantOpt = Annotated[
     str | None,
     typer.Option(
         help="Quantized experts: int8 | int4 (weight-only, one scale per group), w8a8 | w4a8 (the same codes, the "
-        "inputs quantized to int8 per token too: integer dot products on AVX-512 VNNI) [default: as the dtype]."
+        "inputs quantized to int8 per token and group too: integer dot products on AVX-512 VNNI) "
+        "[default: as the dtype]."
     ),
 ]
 QuantGroupOpt = Annotated[

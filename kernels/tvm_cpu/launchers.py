@@ -110,7 +110,8 @@ def _vnni_args(
     weight's VNNI words and scales."""
     rows, k = lhs.shape
     xq = torch.empty(rows, k, dtype=torch.int8)
-    xs, xsum = torch.empty(rows, k // problem["G"]), torch.empty(rows, k // problem["G"], dtype=torch.int32)
+    groups = k // problem["G"]
+    xs, xsum = torch.empty(rows, groups, dtype=torch.float32), torch.empty(rows, groups, dtype=torch.int32)
     mod["quant"](lhs, xq, xs, xsum)
     codes, scales = _quantized(source, problem, panel, interleave, kpack=4)
     return [xq.view(torch.int32), xs, xsum], [codes.view(torch.int32).squeeze(-1), scales]

@@ -65,14 +65,17 @@ def _packed(source: torch.Tensor, part: slice, panel: int, interleave: int | Non
     return _PACKED.get([source], make, group=(part.start, part.stop, interleave), variant=panel)
 
 
-def _quantized(
-    source: torch.Tensor, problem: Problem, panel: int, interleave: int | None, kpack: int = 1
-) -> list[torch.Tensor]:
-    """[codes, scales] of a quantized GEMM's weight in the panels of `panel` (kpack 4: the VNNI layout): a
-    QuantizedWeight of that layout as it is (quantized in place: TunedMoE.pack_weights), else re-laid out or
-    quantized once and memoised."""
+def quant_layout(problem: Problem, target: Target, panel: int, interleave: int | None) -> tuple[int | None, ...]:
+    """The layout a quantized GEMM's kernel reads its codes in (QuantizedWeight.layout()): the panels, with the
+    k-packing of the integer dot-product kernels (kpack 4) where they run. The one place that decides it: the
+    launchers and TunedMoE's in-place packing (model/runtime/inplace.py) both ask here."""
+    return (panel, interleave, 4) if tvm_cpu.vnni(problem, target) else (panel, interleave)
+
+
+def _quantized(source: torch.Tensor, problem: Problem, layout: tuple[int | None, ...]) -> list[torch.Tensor]:
+    """[codes, scales] of a quantized GEMM's weight in `layout` (quant_layout): a QuantizedWeight of that layout
+    as it is (quantized in place: TunedMoE.pack_weights), else re-laid out or quantized once and memoised."""
     fmt, group = problem["wq"], problem["G"]
-    layout = (panel, interleave) if kpack == 1 else (panel, interleave, kpack)
     if isinstance(source, QuantizedWeight) and (source.fmt, source.group) != (fmt, group):
         raise ValueError(f"{problem.op} needs {fmt} weights of group {group}, got {source!r}")
 
@@ -84,7 +87,7 @@ def _quantized(
     if isinstance(source, QuantizedWeight) and source.layout() == layout:
         q = source
     else:
-        q = _PACKED.get([source], make, group=("q", interleave, kpack), variant=panel)
+        q = _PACKED.get([source], make, group=("q", *layout[1:]), variant=layout[0])
     return [q.codes, q.scales]
 
 
@@ -95,7 +98,7 @@ def _weight_args(
     and the input `lhs` summed per group of G, which the kernel subtracts 8 times per group: ir/tvm_ir.py)."""
     if problem.quant == "none":
         return [_packed(source, slice(None), panel, interleave)]
-    args = _quantized(source, problem, panel, interleave)
+    args = _quantized(source, problem, (panel, interleave))
     if problem.quant == "int4":
         group = problem["G"]
         args.append(lhs.float().unflatten(-1, (lhs.shape[-1] // group, group)).sum(-1).contiguous())
@@ -103,7 +106,7 @@ def _weight_args(
 
 
 def _vnni_args(
-    mod: Any, problem: Problem, source: torch.Tensor, panel: int, interleave: int | None, lhs: torch.Tensor
+    mod: Any, problem: Problem, target: Target, source: torch.Tensor, panel: int, interleave: int | None, lhs
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The arguments of a w8a8 / w4a8 reduction (ir/tvm_vnni.py) before rows and bexp: the input (R, K) quantized
     per row and group by the module's "quant" (codes as 32-bit words, scales, code sums), and after them the
@@ -113,7 +116,7 @@ def _vnni_args(
     groups = k // problem["G"]
     xs, xsum = torch.empty(rows, groups, dtype=torch.float32), torch.empty(rows, groups, dtype=torch.int32)
     mod["quant"](lhs, xq, xs, xsum)
-    codes, scales = _quantized(source, problem, panel, interleave, kpack=4)
+    codes, scales = _quantized(source, problem, quant_layout(problem, target, panel, interleave))
     return [xq.view(torch.int32), xs, xsum], [codes.view(torch.int32).squeeze(-1), scales]
 
 
@@ -180,7 +183,7 @@ def gemm1(
     out = torch.empty(nb_all, bm, i, dtype=x.dtype)
     out[al.num_blocks :] = 0  # empty trailing blocks
     if tvm_cpu.vnni(problem, target):
-        lhs, weight = _vnni_args(mod, problem, gate_up_proj, nt, i if gated else None, x.contiguous())
+        lhs, weight = _vnni_args(mod, problem, target, gate_up_proj, nt, i if gated else None, x.contiguous())
         acc = torch.empty(al.num_blocks, bm, weight[0].shape[1] * weight[0].shape[3], dtype=torch.float32)
         mod["acc"](*lhs, al.sorted_token, al.block_expert, *weight, acc)
         bias = [gate_up_bias.contiguous()] if problem["bias"] else []
@@ -223,7 +226,7 @@ def gemm2(
     z = torch.empty(al.num_blocks, bm, h, dtype=torch.float32)
     out = torch.empty(t, h, dtype=act.dtype)
     if tvm_cpu.vnni(problem, target):
-        lhs, weight = _vnni_args(mod, problem, down_proj, config["nt"], None, rows.view(-1, i))
+        lhs, weight = _vnni_args(mod, problem, target, down_proj, config["nt"], None, rows.view(-1, i))
         slots = torch.arange(al.num_blocks * bm, dtype=torch.int32).view(-1, bm)
         acc = torch.empty(al.num_blocks, bm, weight[0].shape[1] * weight[0].shape[3], dtype=torch.float32)
         mod["acc"](*lhs, slots, al.block_expert, *weight, acc)

@@ -3,6 +3,8 @@
 Layout (ir/tvm_ir.py): a (G, N, Kd) weight, N output columns over a reduction of Kd, is stored as
 (G, ceil(N/P), Kd, P) panels of P consecutive columns, zero-padded; a gated gemm1's (G, 2I, Kd) [gate | up]
 weight interleaves its halves as (G, ceil(I/P), Kd, 2P): P gate columns, then the P matching up columns.
+k-packed (kpack 2, the bf16 dot-product kernels of ir/tvm_bf16.py): the values of 2 consecutive k of one
+column sit side by side, (G, ceil(N/P), Kd/2, W, 2), so each 32-bit word holds one column's pair of bf16.
 
 StoredWeight is the torch side of such a weight (also the base of kernels/quant.py's QuantizedWeight).
 PackedWeight is what `TunedMoE.pack_weights()` puts in place of an expert weight parameter: a tensor of the
@@ -53,13 +55,26 @@ def pack_gate_up(w: torch.Tensor, i: int, panel: int) -> torch.Tensor:
     return out
 
 
-def pack(w: torch.Tensor, panel: int, interleave: int | None = None) -> torch.Tensor:
-    """pack_panels, or pack_gate_up when `interleave` is I (a gated gemm1's [gate | up] weight)."""
-    return pack_panels(w, panel) if interleave is None else pack_gate_up(w, interleave, panel)
+KPACKS = (1, 2)  # consecutive k of one column stored together: 1 (the panels), 2 (bf16 pairs)
+
+
+def pack(w: torch.Tensor, panel: int, interleave: int | None = None, kpack: int = 1) -> torch.Tensor:
+    """pack_panels, or pack_gate_up when `interleave` is I (a gated gemm1's [gate | up] weight); kpack 2: then
+    each column's consecutive k paired, (G, NP, Kd/2, W, 2) (module doc)."""
+    if kpack not in KPACKS or w.shape[-1] % kpack:
+        raise ValueError(f"kpack must be one of {KPACKS} and divide the reduction {w.shape[-1]}, got {kpack}")
+    panels = pack_panels(w, panel) if interleave is None else pack_gate_up(w, interleave, panel)
+    if kpack == 1:
+        return panels
+    g, npanel, kd, width = panels.shape
+    return panels.view(g, npanel, kd // kpack, kpack, width).transpose(-1, -2).contiguous()
 
 
 def unpack(packed: torch.Tensor, n: int, panel: int, interleave: int | None = None) -> torch.Tensor:
-    """The inverse of `pack`: (G, ceil(N/P), Kd, W) panels -> the (G, N, Kd) weight (a new contiguous tensor)."""
+    """The inverse of `pack`: (G, ceil(N/P), Kd, W) panels, or their k-packed (G, NP, Kd/kp, W, kp) form -> the
+    (G, N, Kd) weight (a new contiguous tensor)."""
+    if packed.dim() == 5:
+        packed = packed.transpose(-1, -2).flatten(2, 3)
     g, npanel, kd, _ = packed.shape
 
     def plain(p: torch.Tensor, rows: int) -> torch.Tensor:
@@ -129,33 +144,37 @@ class PackedWeight(StoredWeight):
     packed: torch.Tensor
     panel: int
     interleave: int | None
+    kpack: int
 
     @staticmethod
-    def __new__(cls, packed: torch.Tensor, shape: torch.Size, panel: int, interleave: int | None = None):
+    def __new__(cls, packed: torch.Tensor, shape: torch.Size, panel: int, interleave: int | None = None, kpack=1):
         t = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=packed.dtype, device=packed.device)
-        t.packed, t.panel, t.interleave = packed, panel, interleave
+        t.packed, t.panel, t.interleave, t.kpack = packed, panel, interleave, kpack
         return t
 
     @classmethod
-    def of(cls, w: torch.Tensor, panel: int, interleave: int | None = None) -> PackedWeight:
-        """Pack `w` (G, N, Kd) in panels of `panel` columns (gate|up interleaved when `interleave` is I)."""
+    def of(cls, w: torch.Tensor, panel: int, interleave: int | None = None, kpack: int = 1) -> PackedWeight:
+        """Pack `w` (G, N, Kd) in panels of `panel` columns (gate|up interleaved when `interleave` is I; k pairs
+        side by side when kpack is 2)."""
         if w.dim() != 3:
             raise ValueError(f"PackedWeight packs (G, N, Kd) weights, got shape {tuple(w.shape)}")
-        return cls(pack(w.detach(), panel, interleave), w.shape, panel, interleave)
+        return cls(pack(w.detach(), panel, interleave, kpack), w.shape, panel, interleave, kpack)
 
     def unpack(self) -> torch.Tensor:
         """The weight in its own layout: a new dense tensor."""
         return unpack(self.packed, self.shape[1], self.panel, self.interleave)
 
     def _store(self, dense: torch.Tensor) -> None:
-        self.packed.copy_(pack(dense, self.panel, self.interleave))
+        self.packed.copy_(pack(dense, self.panel, self.interleave, self.kpack))
 
     def _alias(self) -> PackedWeight:
-        return PackedWeight(self.packed, self.shape, self.panel, self.interleave)
+        return PackedWeight(self.packed, self.shape, self.panel, self.interleave, self.kpack)
 
-    def layout(self) -> tuple[int, int | None]:
-        return self.panel, self.interleave
+    def layout(self) -> tuple[int | None, ...]:
+        """(panel, interleave), and the kpack when it is not 1 (kernels/tvm_cpu/launchers.py: weight_layout)."""
+        return (self.panel, self.interleave) if self.kpack == 1 else (self.panel, self.interleave, self.kpack)
 
     def __repr__(self, *, tensor_contents: Any = None) -> str:
         gated = f", gate|up interleaved at I={self.interleave}" if self.interleave else ""
-        return f"PackedWeight(shape={tuple(self.shape)}, dtype={self.dtype}, panel={self.panel}{gated})"
+        pairs = f", kpack={self.kpack}" if self.kpack != 1 else ""
+        return f"PackedWeight(shape={tuple(self.shape)}, dtype={self.dtype}, panel={self.panel}{gated}{pairs})"

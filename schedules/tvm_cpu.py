@@ -36,6 +36,14 @@ Intel AVX-512 VNNI host, qwen3-30b-a3b, gemm1 + gemm2 (default pairs W = 32 / 64
 T=16 13.5 -> 12.3 ms, T=256 (mt 4 -> 2) w4a8 83.1 -> 79.2 ms, w8a8 89.3 -> 81.0 ms; blocks_outer within +-8%.
 Elsewhere (no VNNI) they run the weight-only kernels on the quantized input's values
 (kernels/tvm_cpu/launchers.py).
+
+bf16 GEMMs (dense bf16 weights and inputs) on a target with AVX-512 BF16 run the `vdpbf16ps` kernels of
+ir/tvm_bf16.py: the same space as the VNNI kernels (nt, mt, order; their weight layout pairs k: kpack 2), the
+registers constraint counting one fp32 accumulator per vector of the tile. Default: 32-wide panels (a gated
+gemm1's tile 64 columns), the most rows that fit and divide BM, panels_outer; a panel width that divides the
+output comes first, as above. Measured on the Zen5 host (qwen3-30b-a3b, T=256, BM=8; results/amd-epyc-znver5-2c-
+x86_64/RESULTS.md): gemm1 mt 4 x nt 32 39.9 ms (8 x 16: 43.4), gemm2 8 x 32 23.2 ms (4 x 64: 31.9); T=1 layer
+with gemm2 nt 32 2.37 ms, nt 64 2.62 ms.
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ from typing import Any
 
 import tvm
 
-from moetune.ir import tvm_ir, tvm_script, tvm_vnni
+from moetune.ir import tvm_bf16, tvm_ir, tvm_script, tvm_vnni
 from moetune.ir.program import Problem
 from moetune.ir.target import Target
 from moetune.schedules.space import Constraint, Param, Point, SearchSpace
@@ -64,9 +72,22 @@ def _features(target: Target) -> frozenset[str]:
     return frozenset(str(f) for f in codegen.llvm_get_cpu_features(tvm.target.Target(target.tvm)))
 
 
-def vnni(problem: Problem, target: Target) -> bool:
-    """Whether `problem` runs the integer dot-product kernels (ir/tvm_vnni.py) on `target`."""
-    return problem.act_quant and {"avx512vnni", "avx512bw"} <= _features(target)
+def dot_kernel(problem: Problem, target: Target) -> str | None:
+    """Which dot-product kernel `problem` runs on `target`: "vnni" (w8a8 / w4a8 on AVX-512 VNNI: ir/tvm_vnni.py),
+    "bf16" (dense bf16 expert GEMMs on AVX-512 BF16: ir/tvm_bf16.py), or None (the TE templates). The one place
+    that decides it: the space, the schedule, the launchers and the weight layout (kpack) all ask here."""
+    features = _features(target)
+    if problem.act_quant and {"avx512vnni", "avx512bw"} <= features:
+        return "vnni"
+    if (
+        problem.gemm in ("gemm1", "gemm2")
+        and problem.quant == "none"
+        and problem.dtype == "bfloat16"
+        and _gemm_dims(problem)[1] % 2 == 0
+        and {"avx512bf16", "avx512f"} <= features
+    ):
+        return "bf16"
+    return None
 
 
 @cache
@@ -92,13 +113,14 @@ def _gemm_dims(problem: Problem) -> tuple[int, int, int, int]:
     return problem["E"], problem["H"], 1, 1  # route logits
 
 
-def _vnni_space(problem: Problem, target: Target) -> SearchSpace:
+def _dot_space(problem: Problem, target: Target, kind: str) -> SearchSpace:
     n, _, bm, tiles = _gemm_dims(problem)
     vregs = simd(target)[1]
+    per_vector = 2 if kind == "vnni" else 1  # VNNI: an int32 and an fp32 accumulator per vector of the tile
     return SearchSpace(
         problem.op,
         params=(
-            Param("nt", (16, 32, 64), "columns per panel = the VNNI weight layout's panel width"),
+            Param("nt", (16, 32, 64), "columns per panel = the k-packed weight layout's panel width"),
             Param("mt", MT_CHOICES, "rows per register tile (divides BM)"),
             Param("order", ORDER_CHOICES, "outer loop: column panels or blocks (fused with the other, parallel)"),
         ),
@@ -106,8 +128,9 @@ def _vnni_space(problem: Problem, target: Target) -> SearchSpace:
             Constraint("mt_divides_bm", f"mt must divide BM={bm}", lambda p: bm % p["mt"] == 0),
             Constraint(
                 "registers",
-                f"{tiles} tile(s) of mt x nt/16 int32 and fp32 accumulators must leave 4 of {vregs} registers free",
-                lambda p: 2 * tiles * p["mt"] * p["nt"] // 16 <= vregs - 4,
+                f"{tiles} tile(s) of mt x nt/16 {'int32 and fp32' if per_vector == 2 else 'fp32'} accumulators"
+                f" must leave 4 of {vregs} registers free",
+                lambda p: per_vector * tiles * p["mt"] * p["nt"] // 16 <= vregs - 4,
             ),
             Constraint(
                 "panel_not_wider_than_output", f"nt must be < 2x the output width {n}", lambda p: p["nt"] < 2 * n
@@ -119,8 +142,9 @@ def _vnni_space(problem: Problem, target: Target) -> SearchSpace:
 def space(problem: Problem, target: Target) -> SearchSpace:
     if problem.op == "align":
         return SearchSpace("align")
-    if vnni(problem, target):
-        return _vnni_space(problem, target)
+    kind = dot_kernel(problem, target)
+    if kind is not None:
+        return _dot_space(problem, target, kind)
     lanes, vregs = simd(target)
     n, red, bm, tiles = _gemm_dims(problem)
     mts = (1,) if problem.op == "route" else MT_CHOICES
@@ -159,9 +183,13 @@ def default_point(problem: Problem, target: Target) -> Point:
     if not sp.params:
         return {}
     n, red, _, tiles = _gemm_dims(problem)
-    if vnni(problem, target):
-        nt = next((v for v in (64 // tiles, 32, 16) if 16 <= v < 2 * n), 16)
-        mt = next(v for v in (4, 3, 2, 1) if sp.is_feasible({"nt": nt, "mt": v, "order": "panels_outer"}))
+    kind = dot_kernel(problem, target)
+    if kind is not None:  # VNNI: 64 columns per tile, <= 4 rows; bf16: 32-wide panels, the most rows that fit
+        widths = (64 // tiles, 32, 16) if kind == "vnni" else (32, 16, 64)
+        fits = [v for v in widths if 16 <= v < 2 * n] or [16]
+        nt = next((v for v in fits if n % v == 0), fits[0])
+        rows = (4, 3, 2, 1) if kind == "vnni" else (8, 6, 4, 3, 2, 1)
+        mt = next(v for v in rows if sp.is_feasible({"nt": nt, "mt": v, "order": "panels_outer"}))
         return {"nt": nt, "mt": mt, "order": "panels_outer"}
     lanes, _ = simd(target)
     kt = next(v for v in (4, 2, 1) if red % v == 0)
@@ -270,10 +298,11 @@ def _schedule_route(problem: Problem, point: Point):
     return sch.mod["main"]
 
 
-def _schedule_vnni(problem: Problem, point: Point, lanes: int) -> tvm.IRModule:
-    """quant and acc (ir/tvm_vnni.py) and the TE epilogue "main", parallel over blocks (gemm1) or tokens (gemm2's
-    combine), vectorised along the columns."""
-    acc = tvm_vnni.acc_func(problem, point["nt"], point["mt"], point["order"] == "panels_outer")
+def _schedule_dot(problem: Problem, point: Point, lanes: int, kind: str) -> tvm.IRModule:
+    """acc (ir/tvm_vnni.py: and quant; ir/tvm_bf16.py) and the TE epilogue "main", parallel over blocks (gemm1)
+    or tokens (gemm2's combine), vectorised along the columns."""
+    make = tvm_vnni.acc_func if kind == "vnni" else tvm_bf16.acc_func
+    acc = make(problem, point["nt"], point["mt"], point["order"] == "panels_outer")
     sch = tvm.s_tir.Schedule(tvm_vnni.epilogue_func(problem, point["nt"]))
     if problem.gemm == "gemm2":
         sch.compute_inline(sch.get_sblock("Zacc"))
@@ -285,19 +314,21 @@ def _schedule_vnni(problem: Problem, point: Point, lanes: int) -> tvm.IRModule:
     b, m, n = sch.get_loops(epilogue)
     sch.vectorize(sch.split(n, [None, lanes])[1])
     sch.parallel(sch.fuse(b, m))
-    return tvm.IRModule({"quant": tvm_vnni.quant_func(problem), "acc": acc, "main": sch.mod["main"]})
+    funcs = {"acc": acc, "main": sch.mod["main"]}
+    return tvm.IRModule({"quant": tvm_vnni.quant_func(problem), **funcs} if kind == "vnni" else funcs)
 
 
 def scheduled_module(problem: Problem, point: Point, target: Target) -> tvm.IRModule:
-    """The op's IRModule with the point applied; function names: main (GEMMs; w8a8 / w4a8 on VNNI: acc then
-    main), logits + select, align."""
+    """The op's IRModule with the point applied; function names: main (GEMMs; dot-product kernels: [quant,] acc
+    then main), logits + select, align."""
     violations = space(problem, target).violations(point)
     if violations:
         raise ValueError(f"infeasible point {point} for {problem}: {'; '.join(violations)}")
     if problem.op == "align":
         return tvm.IRModule({"align": tvm_script.align_func(problem)})
-    if vnni(problem, target):
-        return _schedule_vnni(problem, point, simd(target)[0])
+    kind = dot_kernel(problem, target)
+    if kind is not None:
+        return _schedule_dot(problem, point, simd(target)[0], kind)
     if problem.op == "route":
         logits = _schedule_route(problem, point).with_attr("global_symbol", "logits")
         return tvm.IRModule({"logits": logits, "select": tvm_script.route_select_func(problem)})

@@ -25,7 +25,7 @@ from moetune.schedules import tvm_cpu
 
 FORMATS = ("w8a8", "w4a8")
 HOST = resolve_target("cpu")
-HOST_VNNI = tvm_cpu.vnni(lower(MoEConfig(64, 64, 4, 2, quant="w8a8"), 4).op("experts.gemm1"), HOST)
+HOST_VNNI = tvm_cpu.dot_kernel(lower(MoEConfig(64, 64, 4, 2, quant="w8a8"), 4).op("experts.gemm1"), HOST) == "vnni"
 
 
 def _cfg(**kw) -> MoEConfig:
@@ -113,7 +113,7 @@ def test_a8_qgemms_match_the_reference(backend, fmt, kw):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_without_vnni_the_weight_only_kernels_run_on_the_quantized_inputs(fmt, monkeypatch):
-    monkeypatch.setattr(tvm_cpu, "vnni", lambda problem, target: False)
+    monkeypatch.setattr(tvm_cpu, "dot_kernel", lambda problem, target: None)
     g1 = lower(_cfg(quant=fmt), 4).op("experts.gemm1")
     assert "kt" in backend_info("tvm").space(g1, HOST).names
     _check_ops(_cfg(quant=fmt), "tvm")
@@ -159,7 +159,7 @@ def test_the_vnni_kernels_are_chosen_by_the_target_and_compile_for_it(spec, has)
     for op in ("experts.gemm1", "experts.gemm2"):
         for fmt in FORMATS:
             problem = lower(_cfg(quant=fmt, expert_bias=True), 16).op(op)
-            assert tvm_cpu.vnni(problem, target) is has
+            assert (tvm_cpu.dot_kernel(problem, target) == "vnni") is has
             space = backend_info("tvm").space(problem, target)
             point = default_config(problem, "tvm", target).as_dict()
             assert space.is_feasible(point) and ("kt" not in point) is has
@@ -168,7 +168,7 @@ def test_the_vnni_kernels_are_chosen_by_the_target_and_compile_for_it(spec, has)
                 assert any(v.startswith("registers") for v in space.violations(too_big))
                 compile_op(problem, point, target)  # builds anywhere: LLVM knows the CPU
     weight_only = lower(_cfg(quant="int4"), 16).op("experts.gemm1")
-    assert not tvm_cpu.vnni(weight_only, target)
+    assert tvm_cpu.dot_kernel(weight_only, target) is None
 
 
 # ---- the layer -----------------------------------------------------------------------------------------------

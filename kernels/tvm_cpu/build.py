@@ -35,6 +35,7 @@ _KERNEL_SOURCES = (
     "ir/tvm_ir.py",
     "ir/tvm_script.py",
     "ir/tvm_vnni.py",
+    "ir/tvm_bf16.py",
     "schedules/tvm_cpu.py",
     "kernels/tvm_cpu/build.py",
 )

@@ -47,33 +47,38 @@ def _module(problem: Problem, config: KernelConfig, target: Target) -> Any:
     return _MODULES[key]
 
 
-def _packed(source: torch.Tensor, part: slice, panel: int, interleave: int | None = None) -> torch.Tensor:
-    """pack_panels(source[:, part]) memoised on the owning tensor's identity and version (kernels/cache.py).
+def _packed(source: torch.Tensor, part: slice, panel: int, interleave: int | None = None, kpack=1) -> torch.Tensor:
+    """pack(source[:, part]) memoised on the owning tensor's identity and version (kernels/cache.py).
 
     `interleave=I` packs a (G, 2I, Kd) [gate | up] tensor into (G, ceil(I/P), Kd, 2P) panels of P gate
-    columns followed by the P matching up columns (gemm1's layout). `source` may be a fresh view (e.g.
-    weight.unsqueeze(0)): views share their base's version counter, so the memo is keyed on the base.
+    columns followed by the P matching up columns (gemm1's layout); kpack 2 pairs consecutive k (kernels/
+    packed.py). `source` may be a fresh view (e.g. weight.unsqueeze(0)): views share their base's version
+    counter, so the memo is keyed on the base.
     """
-
-    if isinstance(source, PackedWeight) and source.layout() == (panel, interleave) and part == slice(None):
+    layout = (panel, interleave) if kpack == 1 else (panel, interleave, kpack)
+    if isinstance(source, PackedWeight) and source.layout() == layout and part == slice(None):
         return source.packed  # packed in place (TunedMoE.pack_weights): the only copy there is
 
     def make() -> torch.Tensor:
-        w = source.detach()
-        return pack(w if interleave is not None else w[:, part], panel, interleave)
+        w = source.unpack() if isinstance(source, PackedWeight) else source.detach()
+        return pack(w if interleave is not None else w[:, part], panel, interleave, kpack)
 
-    return _PACKED.get([source], make, group=(part.start, part.stop, interleave), variant=panel)
+    return _PACKED.get([source], make, group=(part.start, part.stop, interleave, kpack), variant=panel)
 
 
-def quant_layout(problem: Problem, target: Target, panel: int, interleave: int | None) -> tuple[int | None, ...]:
-    """The layout a quantized GEMM's kernel reads its codes in (QuantizedWeight.layout()): the panels, with the
-    k-packing of the integer dot-product kernels (kpack 4) where they run. The one place that decides it: the
-    launchers and TunedMoE's in-place packing (model/runtime/inplace.py) both ask here."""
-    return (panel, interleave, 4) if tvm_cpu.vnni(problem, target) else (panel, interleave)
+KPACK = {"vnni": 4, "bf16": 2}  # k per 32-bit word of each dot-product kernel's weight layout
+
+
+def weight_layout(problem: Problem, target: Target, panel: int, interleave: int | None) -> tuple[int | None, ...]:
+    """The layout a GEMM's kernel reads its weight in (PackedWeight / QuantizedWeight .layout()): the panels,
+    with the k-packing of the dot-product kernels (kpack 4: VNNI codes; 2: bf16 pairs) where they run. The one
+    place that decides it: the launchers and TunedMoE's in-place packing (model/runtime/inplace.py) both ask."""
+    kind = tvm_cpu.dot_kernel(problem, target)
+    return (panel, interleave) if kind is None else (panel, interleave, KPACK[kind])
 
 
 def _quantized(source: torch.Tensor, problem: Problem, layout: tuple[int | None, ...]) -> list[torch.Tensor]:
-    """[codes, scales] of a quantized GEMM's weight in `layout` (quant_layout): a QuantizedWeight of that layout
+    """[codes, scales] of a quantized GEMM's weight in `layout` (weight_layout): a QuantizedWeight of that layout
     as it is (quantized in place: TunedMoE.pack_weights), else re-laid out or quantized once and memoised."""
     fmt, group = problem["wq"], problem["G"]
     if isinstance(source, QuantizedWeight) and (source.fmt, source.group) != (fmt, group):
@@ -105,18 +110,22 @@ def _weight_args(
     return args
 
 
-def _vnni_args(
-    mod: Any, problem: Problem, target: Target, source: torch.Tensor, panel: int, interleave: int | None, lhs
+def _dot_args(
+    mod: Any, kind: str, problem: Problem, target: Target, source: torch.Tensor, panel: int, interleave, lhs
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The arguments of a w8a8 / w4a8 reduction (ir/tvm_vnni.py) before rows and bexp: the input (R, K) quantized
-    per row and group by the module's "quant" (codes as 32-bit words, scales, code sums), and after them the
-    weight's VNNI words and scales."""
+    """The arguments of a dot-product kernel's reduction before rows and bexp, and after them. bf16
+    (ir/tvm_bf16.py): the input (R, K) as 32-bit words of k pairs; the weight's k-paired words. w8a8 / w4a8
+    (ir/tvm_vnni.py): the input quantized per row and group by the module's "quant" (codes as 32-bit words,
+    scales, code sums); the weight's VNNI words and scales."""
+    if kind == "bf16":
+        words = _packed(source, slice(None), panel, interleave, KPACK[kind]).view(torch.int32).squeeze(-1)
+        return [lhs.view(torch.int32)], [words]
     rows, k = lhs.shape
     xq = torch.empty(rows, k, dtype=torch.int8)
     groups = k // problem["G"]
     xs, xsum = torch.empty(rows, groups, dtype=torch.float32), torch.empty(rows, groups, dtype=torch.int32)
     mod["quant"](lhs, xq, xs, xsum)
-    codes, scales = _quantized(source, problem, quant_layout(problem, target, panel, interleave))
+    codes, scales = _quantized(source, problem, weight_layout(problem, target, panel, interleave))
     return [xq.view(torch.int32), xs, xsum], [codes.view(torch.int32).squeeze(-1), scales]
 
 
@@ -182,8 +191,9 @@ def gemm1(
     nt = config["nt"]
     out = torch.empty(nb_all, bm, i, dtype=x.dtype)
     out[al.num_blocks :] = 0  # empty trailing blocks
-    if tvm_cpu.vnni(problem, target):
-        lhs, weight = _vnni_args(mod, problem, target, gate_up_proj, nt, i if gated else None, x.contiguous())
+    kind = tvm_cpu.dot_kernel(problem, target)
+    if kind is not None:
+        lhs, weight = _dot_args(mod, kind, problem, target, gate_up_proj, nt, i if gated else None, x.contiguous())
         acc = torch.empty(al.num_blocks, bm, weight[0].shape[1] * weight[0].shape[3], dtype=torch.float32)
         mod["acc"](*lhs, al.sorted_token, al.block_expert, *weight, acc)
         bias = [gate_up_bias.contiguous()] if problem["bias"] else []
@@ -225,8 +235,9 @@ def gemm2(
     t = al.inverse.shape[0]
     z = torch.empty(al.num_blocks, bm, h, dtype=torch.float32)
     out = torch.empty(t, h, dtype=act.dtype)
-    if tvm_cpu.vnni(problem, target):
-        lhs, weight = _vnni_args(mod, problem, target, down_proj, config["nt"], None, rows.view(-1, i))
+    kind = tvm_cpu.dot_kernel(problem, target)
+    if kind is not None:
+        lhs, weight = _dot_args(mod, kind, problem, target, down_proj, config["nt"], None, rows.view(-1, i))
         slots = torch.arange(al.num_blocks * bm, dtype=torch.int32).view(-1, bm)
         acc = torch.empty(al.num_blocks, bm, weight[0].shape[1] * weight[0].shape[3], dtype=torch.float32)
         mod["acc"](*lhs, slots, al.block_expert, *weight, acc)

@@ -63,12 +63,12 @@ def _stored(old: torch.Tensor, layout: tuple[int | None, ...], quant: tuple[str,
     return PackedWeight.of(old.unpack() if isinstance(old, PackedWeight) else old.detach(), *layout)
 
 
-def _quant_layout(problem, target, layout: tuple[int | None, int | None]) -> tuple[int | None, ...]:
-    """The tvm kernels' layout of a quantized weight (kernels/tvm_cpu/launchers.py: quant_layout), imported only
-    where a panel says the tvm backend runs (the GPU path needs no TVM)."""
-    from moetune.kernels.tvm_cpu.launchers import quant_layout
+def _weight_layout(problem, target, layout: tuple[int | None, int | None]) -> tuple[int | None, ...]:
+    """The tvm kernels' layout of a weight (kernels/tvm_cpu/launchers.py: weight_layout), imported only where a
+    panel says the tvm backend runs (the GPU path needs no TVM)."""
+    from moetune.kernels.tvm_cpu.launchers import weight_layout
 
-    return quant_layout(problem, target, *layout)
+    return weight_layout(problem, target, *layout)
 
 
 def pack_in_place(root: nn.Module, weights: Weights, runner: LayerRunner) -> dict[str, tuple[int, int | None]]:
@@ -96,7 +96,7 @@ def pack_in_place(root: nn.Module, weights: Weights, runner: LayerRunner) -> dic
         interleave = problem["I"] if op == "experts.gemm1" and problem["gated"] and panel is not None else None
         layout = (panel, interleave)
         old = module._parameters[attr]
-        stored = _quant_layout(problem, runner.target, layout) if quant is not None and panel is not None else layout
+        stored = _weight_layout(problem, runner.target, layout) if panel is not None else layout
         new = _stored(old, stored, quant)
         if new is not old:
             del old

@@ -1,0 +1,136 @@
+"""bf16 expert GEMMs on AVX-512 BF16 (`vdpbf16ps`, ir/tvm_bf16.py): chosen by the target, k-paired weights.
+
+Legend: T tokens, H hidden, I intermediate, E experts. The kernels run only where the host has AVX-512 BF16;
+elsewhere these tests compile them (not run) for a CPU that has it (LLVM builds them on any host), check the
+choice and the layout, and the layer tests run the TE kernels instead.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import rel_err
+
+from moetune.ir.program import lower
+from moetune.ir.target import resolve_target
+from moetune.kernels import reference as ref
+from moetune.kernels.packed import PackedWeight, pack, unpack
+from moetune.kernels.registry import KernelConfig, backend_info, default_config, get_impl
+from moetune.kernels.tvm_cpu.build import compile_op
+from moetune.kernels.tvm_cpu.launchers import weight_layout
+from moetune.model import MoE, MoEConfig, TunedMoE
+from moetune.schedules import tvm_cpu
+
+HOST = resolve_target("cpu")
+BF16_HOST = tvm_cpu.dot_kernel(lower(MoEConfig(64, 64, 4, 2, dtype="bfloat16"), 4).op("experts.gemm1"), HOST)
+needs_bf16 = pytest.mark.skipif(BF16_HOST != "bf16", reason="the host has no AVX-512 BF16 (compiled below instead)")
+TOL = 2.0**-7
+
+
+def _cfg(**kw) -> MoEConfig:
+    base = dict(hidden_size=64, intermediate_size=96, num_experts=6, top_k=2, dtype="bfloat16")
+    return MoEConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("interleave", [None, 40])
+def test_the_k_paired_layout_holds_the_same_weight(interleave):
+    w = torch.randn(3, 80, 64).bfloat16()
+    p = PackedWeight.of(w, 16, interleave, kpack=2)
+    assert p.layout() == (16, interleave, 2) and p.packed.shape[2:] == (32, 32 if interleave else 16, 2)
+    assert torch.equal(p.unpack(), w) and torch.equal(unpack(pack(w, 16, interleave, 2), 80, 16, interleave), w)
+    # one 32-bit word = one column's (k, k+1): column 0 of panel 0 at k = 2, 3
+    assert torch.equal(p.packed[0, 0, 1, 0], w[0, 0, 2:4])
+    with pytest.raises(ValueError, match="kpack"):
+        pack(torch.randn(1, 16, 7), 16, None, 2)
+    p.mul_(2.0)  # an in-place op is stored back in the same layout
+    assert torch.equal(p.unpack(), w * 2) and p.layout() == (16, interleave, 2)
+
+
+def _check_ops(cfg: MoEConfig, t: int = 19, point: dict | None = None) -> None:
+    program = lower(cfg, t)
+    layer = MoE(cfg)
+    x = torch.randn(t, cfg.hidden_size).to(cfg.torch_dtype)
+    al = ref.align(*layer.route(x), cfg.num_experts, program.block_m)
+    ex = layer.experts
+    g1, g2 = program.op("experts.gemm1"), program.op("experts.gemm2")
+    c1 = KernelConfig.of("tvm", point) if point else default_config(g1, "tvm", HOST)
+    c2 = KernelConfig.of("tvm", point) if point else default_config(g2, "tvm", HOST)
+    act = get_impl("gemm1", "tvm").fn(g1, c1, HOST, x, al, ex.gate_up_proj, ex.gate_up_bias)
+    want_act = ref.gemm1(g1, x, al, ex.gate_up_proj, ex.gate_up_bias)
+    assert act.dtype == torch.bfloat16 and rel_err(act.float(), want_act.float()) <= TOL
+    out = get_impl("gemm2", "tvm").fn(g2, c2, HOST, act, al, ex.down_proj, ex.down_bias)
+    want = ref.gemm2(g2, act, al, ex.down_proj, ex.down_bias, t)
+    assert rel_err(out.float(), want.float()) <= TOL
+
+
+@needs_bf16
+@pytest.mark.parametrize(
+    "kw",
+    [dict(), dict(gated=False, activation="gelu", expert_bias=True), dict(hidden_size=96, intermediate_size=80)],
+    ids=["gated", "non-gated-bias", "partial-panels"],
+)
+def test_bf16_dot_gemms_match_the_reference(kw):
+    cfg = _cfg(**kw)
+    assert "kt" not in backend_info("tvm").space(lower(cfg, 4).op("experts.gemm1"), HOST).names
+    _check_ops(cfg)
+    _check_ops(cfg, 1)
+
+
+@needs_bf16
+def test_every_bf16_tile_shape_and_order_is_right():
+    cfg = _cfg(hidden_size=128, intermediate_size=64, num_experts=4)
+    program = lower(cfg, 64)
+    space = backend_info("tvm").space(program.op("experts.gemm1"), HOST)
+    ran = 0
+    for nt in (16, 32, 64):
+        for mt, order in ((1, "panels_outer"), (2, "blocks_outer"), (4, "panels_outer"), (8, "blocks_outer")):
+            point = {"nt": nt, "mt": mt, "order": order}
+            if space.is_feasible(point) and program.block_m % mt == 0:
+                _check_ops(cfg, 64, point)
+                ran += 1
+    assert ran >= 6
+
+
+def test_without_avx512_bf16_the_te_kernels_run(monkeypatch):
+    monkeypatch.setattr(tvm_cpu, "dot_kernel", lambda problem, target: None)
+    cfg = _cfg()
+    assert "kt" in backend_info("tvm").space(lower(cfg, 4).op("experts.gemm1"), HOST).names
+    _check_ops(cfg)
+
+
+@pytest.mark.parametrize(
+    "spec,has", [("llvm -mcpu=sapphirerapids", True), ("llvm -mcpu=znver4", True), ("llvm -mcpu=icelake-server", False)]
+)
+def test_the_bf16_kernels_are_chosen_by_the_target_and_compile_for_it(spec, has):
+    target = resolve_target(spec)
+    for op in ("experts.gemm1", "experts.gemm2"):
+        problem = lower(_cfg(expert_bias=True), 16).op(op)
+        assert (tvm_cpu.dot_kernel(problem, target) == "bf16") is has
+        assert weight_layout(problem, target, 16, None)[2:] == ((2,) if has else ())
+        point = default_config(problem, "tvm", target).as_dict()
+        space = backend_info("tvm").space(problem, target)
+        assert space.is_feasible(point) and ("kt" not in point) is has
+        if has:
+            too_big = {**point, "mt": 8, "nt": 64}  # 8 x 4 (x2 gated) accumulators: more than 28 registers
+            assert any(v.startswith("registers") for v in space.violations(too_big))
+            asm = compile_op(problem, point, target).mod.inspect_source("asm")
+            assert "vdpbf16ps" in asm  # the LLVM-IR helper was linked and inlined: no call left
+            assert "moetune_dpbf16ps" not in asm.replace(".ll", "")
+    for kw in (dict(dtype="float32"), dict(quant="int8")):  # only dense bf16 GEMMs
+        assert tvm_cpu.dot_kernel(lower(_cfg(**kw), 16).op("experts.gemm1"), target) is None
+
+
+def test_tuned_bf16_layer_packs_its_weights_once_in_the_kernels_layout():
+    cfg = _cfg(num_shared_experts=1, shared_intermediate_size=32)
+    moe = MoE(cfg).eval()
+    x = torch.randn(2, 7, cfg.hidden_size).bfloat16()
+    want = moe(x).clone()  # moe shares the parameters: computed before they are packed
+    tuned = TunedMoE.from_module(moe, db=False)
+    tuned.pack_weights()
+    weight = tuned.experts.gate_up_proj
+    assert isinstance(weight, PackedWeight) and weight.kpack == (2 if BF16_HOST == "bf16" else 1)
+    out = tuned(x)
+    assert out.dtype == torch.bfloat16 and rel_err(out.float(), want.float()) <= TOL
+    fresh = TunedMoE(tuned.cfg, db=False)
+    fresh.load_state_dict(tuned.state_dict())
+    assert rel_err(fresh(x).float(), out.float()) <= 1e-6

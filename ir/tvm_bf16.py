@@ -38,12 +38,21 @@ from moetune.ir.program import Problem
 from moetune.ir.tvm_vnni import LANES, dims
 
 DPBF16PS = "moetune_dpbf16ps"
-_LLVM_DPBF16PS = f"""
-declare <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float>, <32 x bfloat>, <32 x bfloat>)
+
+
+def _llvm_dpbf16ps() -> str:
+    """The helper in LLVM IR. LLVM types the intrinsic's operands <32 x bfloat> from LLVM 17, <16 x i32> before
+    (the bit-casts are then no-ops)."""
+    from tvm.target import codegen
+
+    bf = "<32 x bfloat>" if codegen.llvm_version_major() >= 17 else "<16 x i32>"
+    intrinsic = "@llvm.x86.avx512bf16.dpbf16ps.512"
+    return f"""
+declare <16 x float> {intrinsic}(<16 x float>, {bf}, {bf})
 define internal <16 x float> @{DPBF16PS}(<16 x float> %acc, <16 x i32> %a, <16 x i32> %b) alwaysinline {{
-  %a2 = bitcast <16 x i32> %a to <32 x bfloat>
-  %b2 = bitcast <16 x i32> %b to <32 x bfloat>
-  %r = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %acc, <32 x bfloat> %a2, <32 x bfloat> %b2)
+  %a2 = bitcast <16 x i32> %a to {bf}
+  %b2 = bitcast <16 x i32> %b to {bf}
+  %r = call <16 x float> {intrinsic}(<16 x float> %acc, {bf} %a2, {bf} %b2)
   ret <16 x float> %r
 }}
 """
@@ -54,6 +63,7 @@ def acc_func(problem: Problem, panel: int, mt: int, panels_outer: bool) -> tvm.t
     bm, e_ = problem["BM"], problem["E"]
     k_, np_, w_ = dims(problem, panel)
     nc, words = w_ // LANES, k_ // 2
+    helper = _llvm_dpbf16ps()
 
     def lanes(i):
         return T.ramp(i * LANES, 1, LANES)
@@ -72,7 +82,7 @@ def acc_func(problem: Problem, panel: int, mt: int, panels_outer: bool) -> tvm.t
         rows = T.match_buffer(rows_h, (nb, bm), "int32")
         bexp = T.match_buffer(bexp_h, (nb,), "int32")
         acc = T.match_buffer(acc_h, (nb, bm, np_ * w_), "float32")
-        with T.attr(T.int32(0), "pragma_import_llvm", _LLVM_DPBF16PS):
+        with T.attr(T.int32(0), "pragma_import_llvm", helper):
             for pb in T.parallel(np_ * nb):
                 p = T.meta_var(pb // nb if panels_outer else pb % np_)
                 b = T.meta_var(pb % nb if panels_outer else pb // np_)

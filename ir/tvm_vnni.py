@@ -49,7 +49,7 @@ def _byte_vector() -> str:
 
 
 def dims(problem: Problem, panel: int) -> tuple[int, int, int]:
-    """(reduction K, panels NP, panel width W) of a quantized GEMM in panels of `panel` columns."""
+    """(reduction K, panels NP, panel width W) of a GEMM in panels of `panel` columns (also ir/tvm_bf16.py's)."""
     if problem.gemm == "gemm1":
         return problem["H"], -(-problem["I"] // panel), (2 if problem["gated"] else 1) * panel
     return problem["I"], -(-problem["H"] // panel), panel

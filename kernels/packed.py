@@ -70,10 +70,10 @@ def pack(w: torch.Tensor, panel: int, interleave: int | None = None, kpack: int 
     return panels.view(g, npanel, kd // kpack, kpack, width).transpose(-1, -2).contiguous()
 
 
-def unpack(packed: torch.Tensor, n: int, panel: int, interleave: int | None = None) -> torch.Tensor:
-    """The inverse of `pack`: (G, ceil(N/P), Kd, W) panels, or their k-packed (G, NP, Kd/kp, W, kp) form -> the
+def unpack(packed: torch.Tensor, n: int, panel: int, interleave: int | None = None, kpack: int = 1) -> torch.Tensor:
+    """The inverse of `pack`: (G, ceil(N/P), Kd, W) panels, or with kpack 2 their (G, NP, Kd/2, W, 2) form -> the
     (G, N, Kd) weight (a new contiguous tensor)."""
-    if packed.dim() == 5:
+    if kpack != 1:
         packed = packed.transpose(-1, -2).flatten(2, 3)
     g, npanel, kd, _ = packed.shape
 
@@ -162,7 +162,7 @@ class PackedWeight(StoredWeight):
 
     def unpack(self) -> torch.Tensor:
         """The weight in its own layout: a new dense tensor."""
-        return unpack(self.packed, self.shape[1], self.panel, self.interleave)
+        return unpack(self.packed, self.shape[1], self.panel, self.interleave, self.kpack)
 
     def _store(self, dense: torch.Tensor) -> None:
         self.packed.copy_(pack(dense, self.panel, self.interleave, self.kpack))

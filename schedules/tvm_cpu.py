@@ -77,17 +77,12 @@ def dot_kernel(problem: Problem, target: Target) -> str | None:
     "bf16" (dense bf16 expert GEMMs on AVX-512 BF16: ir/tvm_bf16.py), or None (the TE templates). The one place
     that decides it: the space, the schedule, the launchers and the weight layout (kpack) all ask here."""
     features = _features(target)
+    if problem.gemm not in ("gemm1", "gemm2") or _gemm_dims(problem)[0] <= 8:
+        return None  # their panels are 16-column multiples: a narrower output runs the TE kernels
     if problem.act_quant and {"avx512vnni", "avx512bw"} <= features:
         return "vnni"
-    if (
-        problem.gemm in ("gemm1", "gemm2")
-        and problem.quant == "none"
-        and problem.dtype == "bfloat16"
-        and _gemm_dims(problem)[1] % 2 == 0
-        and {"avx512bf16", "avx512f"} <= features
-    ):
-        return "bf16"
-    return None
+    bf16 = problem.quant == "none" and problem.dtype == "bfloat16" and _gemm_dims(problem)[1] % 2 == 0
+    return "bf16" if bf16 and {"avx512bf16", "avx512f"} <= features else None
 
 
 @cache

@@ -37,7 +37,7 @@ def test_the_k_paired_layout_holds_the_same_weight(interleave):
     w = torch.randn(3, 80, 64).bfloat16()
     p = PackedWeight.of(w, 16, interleave, kpack=2)
     assert p.layout() == (16, interleave, 2) and p.packed.shape[2:] == (32, 32 if interleave else 16, 2)
-    assert torch.equal(p.unpack(), w) and torch.equal(unpack(pack(w, 16, interleave, 2), 80, 16, interleave), w)
+    assert torch.equal(p.unpack(), w) and torch.equal(unpack(pack(w, 16, interleave, 2), 80, 16, interleave, 2), w)
     # one 32-bit word = one column's (k, k+1): column 0 of panel 0 at k = 2, 3
     assert torch.equal(p.packed[0, 0, 1, 0], w[0, 0, 2:4])
     with pytest.raises(ValueError, match="kpack"):
@@ -115,9 +115,14 @@ def test_the_bf16_kernels_are_chosen_by_the_target_and_compile_for_it(spec, has)
             assert any(v.startswith("registers") for v in space.violations(too_big))
             asm = compile_op(problem, point, target).mod.inspect_source("asm")
             assert "vdpbf16ps" in asm  # the LLVM-IR helper was linked and inlined: no call left
-            assert "moetune_dpbf16ps" not in asm.replace(".ll", "")
-    for kw in (dict(dtype="float32"), dict(quant="int8")):  # only dense bf16 GEMMs
-        assert tvm_cpu.dot_kernel(lower(_cfg(**kw), 16).op("experts.gemm1"), target) is None
+            assert "moetune_dpbf16ps" not in asm
+    # only dense bf16 GEMMs with an even reduction and outputs of at least one 16-column panel
+    for kw in (dict(dtype="float32"), dict(quant="int8"), dict(hidden_size=63), dict(intermediate_size=8)):
+        problem = lower(_cfg(**kw), 16).op("experts.gemm1")
+        assert tvm_cpu.dot_kernel(problem, target) is None and weight_layout(problem, target, 16, None)[2:] == ()
+        point = default_config(problem, "tvm", target).as_dict()
+        assert "kt" in point and backend_info("tvm").space(problem, target).is_feasible(point)
+    assert tvm_cpu.dot_kernel(lower(_cfg(hidden_size=63), 16).op("experts.gemm2"), target) == ("bf16" if has else None)
 
 
 def test_tuned_bf16_layer_packs_its_weights_once_in_the_kernels_layout():
@@ -134,3 +139,25 @@ def test_tuned_bf16_layer_packs_its_weights_once_in_the_kernels_layout():
     fresh = TunedMoE(tuned.cfg, db=False)
     fresh.load_state_dict(tuned.state_dict())
     assert rel_err(fresh(x).float(), out.float()) <= 1e-6
+    # load_state_dict into the packed layer stores the new values in its own layout, in place
+    other = MoE(cfg).eval()
+    tuned.load_state_dict({k: v for k, v in other.state_dict().items()}, strict=False)
+    assert tuned.experts.gate_up_proj is weight and weight.layout()[2:] == ((2,) if BF16_HOST == "bf16" else ())
+    assert rel_err(tuned(x).float(), other(x).float()) <= TOL
+
+
+def test_the_te_kernels_read_a_k_paired_weight_too(monkeypatch):
+    """A weight packed in place for the bf16 kernels (kpack 2) and a launch that runs the TE kernels (another
+    target, or a tuned point of the other space): the launcher repacks from its values, the answer is the same."""
+    cfg = _cfg()
+    program = lower(cfg, 5)
+    layer = MoE(cfg)
+    x = torch.randn(5, cfg.hidden_size).bfloat16()
+    al = ref.align(*layer.route(x), cfg.num_experts, program.block_m)
+    g1 = program.op("experts.gemm1")
+    paired = PackedWeight.of(layer.experts.gate_up_proj, 16, cfg.intermediate_size, kpack=2)
+    monkeypatch.setattr(tvm_cpu, "dot_kernel", lambda problem, target: None)
+    c1 = default_config(g1, "tvm", HOST)
+    act = get_impl("gemm1", "tvm").fn(g1, c1, HOST, x, al, paired, None)
+    want = ref.gemm1(g1, x, al, layer.experts.gate_up_proj, None)
+    assert rel_err(act.float(), want.float()) <= TOL

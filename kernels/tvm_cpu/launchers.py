@@ -31,7 +31,7 @@ from moetune.schedules import tvm_cpu
 
 register_backend("tvm", space=tvm_cpu.space, default=tvm_cpu.default_point)
 
-MAX_LAYOUTS = 2  # packed copies kept per weight (e.g. a decode and a prefill panel width)
+MAX_LAYOUTS = 2  # packed copies kept per weight and k-packing (e.g. a decode and a prefill panel width)
 _PACKED = TensorMemo(per_group=MAX_LAYOUTS)  # per (weight, part, interleave): its panel widths, least recent first
 
 
@@ -118,8 +118,9 @@ def _dot_args(
     (ir/tvm_vnni.py): the input quantized per row and group by the module's "quant" (codes as 32-bit words,
     scales, code sums); the weight's VNNI words and scales."""
     if kind == "bf16":
-        words = _packed(source, slice(None), panel, interleave, KPACK[kind]).view(torch.int32).squeeze(-1)
-        return [lhs.view(torch.int32)], [words]
+        words = _packed(source, slice(None), *weight_layout(problem, target, panel, interleave))
+        lhs = lhs if lhs.storage_offset() % 2 == 0 else lhs.clone()  # 32-bit words need an even bf16 offset
+        return [lhs.view(torch.int32)], [words.view(torch.int32).squeeze(-1)]
     rows, k = lhs.shape
     xq = torch.empty(rows, k, dtype=torch.int8)
     groups = k // problem["G"]

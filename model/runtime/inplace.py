@@ -74,7 +74,8 @@ def _weight_layout(problem, target, layout: tuple[int | None, int | None]) -> tu
 def pack_in_place(root: nn.Module, weights: Weights, runner: LayerRunner) -> dict[str, tuple[int, int | None]]:
     """Pack the routed experts' weights of `root` (the module owning the parameters) in place, as the runner's
     CPU kernels read them. Returns {moetune weight name: (panel, gate|up interleave or None)} for what was
-    packed; {} where the runner does not use the tvm backend. A quantized layer (runner.cfg.quant) stores codes
+    packed (the stored weight's own `.layout()` adds the k-packing of a dot-product kernel: weight_layout); {}
+    where the runner does not use the tvm backend. A quantized layer (runner.cfg.quant) stores codes
     and scales (kernels/quant.py) instead, quantizing dense weights now, in the natural layout (panel None) where
     the runner does not use the tvm backend. The caller must drop its own references to the old weights
     (memoised conversions) for their storage to be freed."""

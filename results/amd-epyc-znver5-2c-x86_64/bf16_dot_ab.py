@@ -1,7 +1,12 @@
 """A/B on this host: a bf16 qwen3-30b-a3b layer (full size), TE widening kernels ("te") vs vdpbf16ps ("dot"),
 untuned defaults, interleaved rounds, p50 ms. Also fp32 TE for reference of the same weights' shape."""
-import statistics, sys, time, json
+
+import statistics
+import sys
+import time
+
 import torch
+
 from moetune.autotune.bench.layer import reference_layer
 from moetune.model import MoEConfig, TunedMoE
 from moetune.model.config.presets import PRESETS
@@ -16,12 +21,16 @@ real = tvm_cpu.dot_kernel
 te = TunedMoE.from_module(ref, backends=("tvm",), db=False)
 dot = TunedMoE.from_module(ref, backends=("tvm",), db=False)
 
+
 def run(layer, x, use_dot):
     tvm_cpu.dot_kernel = real if use_dot else (lambda p, t: None)
     try:
-        t0 = time.perf_counter(); out = layer(x); return time.perf_counter() - t0, out
+        t0 = time.perf_counter()
+        out = layer(x)
+        return time.perf_counter() - t0, out
     finally:
         tvm_cpu.dot_kernel = real
+
 
 res = {}
 for t in tokens:
@@ -37,6 +46,9 @@ for t in tokens:
             res[(t, name)]["times"].append(run(layer, x, d)[0])
     for name in ("te", "dot"):
         r = res[(t, name)]
-        print(f"T={t:4d} {name:4s} p50 {statistics.median(r['times'])*1e3:8.2f} ms  min {min(r['times'])*1e3:8.2f}  rel err {r['err']:.2e}", flush=True)
-    print(f"T={t:4d} speedup dot/te {statistics.median(res[(t,'te')]['times'])/statistics.median(res[(t,'dot')]['times']):.2f}x", flush=True)
-print(te.describe(1)[2:4]); print(dot.describe(256)[2:4])
+        p50, low = statistics.median(r["times"]) * 1e3, min(r["times"]) * 1e3
+        print(f"T={t:4d} {name:4s} p50 {p50:8.2f} ms  min {low:8.2f}  rel err {r['err']:.2e}", flush=True)
+    speedup = statistics.median(res[(t, "te")]["times"]) / statistics.median(res[(t, "dot")]["times"])
+    print(f"T={t:4d} speedup dot/te {speedup:.2f}x", flush=True)
+print(te.describe(1)[2:4])
+print(dot.describe(256)[2:4])

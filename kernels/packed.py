@@ -58,6 +58,12 @@ def pack_gate_up(w: torch.Tensor, i: int, panel: int) -> torch.Tensor:
 KPACKS = (1, 2)  # consecutive k of one column stored together: 1 (the panels), 2 (bf16 pairs)
 
 
+def layout_of(panel: int | None, interleave: int | None, kpack: int = 1) -> tuple[int | None, ...]:
+    """A stored weight's layout as the kernels name it: (panel, interleave), with the kpack appended when it is
+    not 1 (PackedWeight / QuantizedWeight .layout(), kernels/tvm_cpu/launchers.py: weight_layout)."""
+    return (panel, interleave) if kpack == 1 else (panel, interleave, kpack)
+
+
 def pack(w: torch.Tensor, panel: int, interleave: int | None = None, kpack: int = 1) -> torch.Tensor:
     """pack_panels, or pack_gate_up when `interleave` is I (a gated gemm1's [gate | up] weight); kpack 2: then
     each column's consecutive k paired, (G, NP, Kd/2, W, 2) (module doc)."""
@@ -171,8 +177,7 @@ class PackedWeight(StoredWeight):
         return PackedWeight(self.packed, self.shape, self.panel, self.interleave, self.kpack)
 
     def layout(self) -> tuple[int | None, ...]:
-        """(panel, interleave), and the kpack when it is not 1 (kernels/tvm_cpu/launchers.py: weight_layout)."""
-        return (self.panel, self.interleave) if self.kpack == 1 else (self.panel, self.interleave, self.kpack)
+        return layout_of(self.panel, self.interleave, self.kpack)
 
     def __repr__(self, *, tensor_contents: Any = None) -> str:
         gated = f", gate|up interleaved at I={self.interleave}" if self.interleave else ""

@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from moetune.kernels.packed import StoredWeight, pack, unpack
+from moetune.kernels.packed import StoredWeight, layout_of, pack, unpack
 
 aten = torch.ops.aten
 
@@ -262,8 +262,7 @@ class QuantizedWeight(StoredWeight):
         super().__setattr__(name, value)
 
     def layout(self) -> tuple[int | None, ...]:
-        """(panel, interleave), and the kpack when it is not 1 (the VNNI layout)."""
-        return (self.panel, self.interleave) if self.kpack == 1 else (self.panel, self.interleave, self.kpack)
+        return layout_of(self.panel, self.interleave, self.kpack)
 
     def nbytes_stored(self) -> int:
         return self.codes.nbytes + self.scales.nbytes

@@ -23,7 +23,7 @@ from moetune.ir.target import Target
 from moetune.kernels.cache import TensorMemo
 from moetune.kernels.ops import Aligned, max_blocks
 from moetune.kernels.ops import check_tensor as _check
-from moetune.kernels.packed import PackedWeight, pack
+from moetune.kernels.packed import PackedWeight, layout_of, pack
 from moetune.kernels.quant import QuantizedWeight, fake_quant_rows
 from moetune.kernels.registry import KernelConfig, register_backend, register_impl
 from moetune.kernels.tvm_cpu.build import build
@@ -55,8 +55,11 @@ def _packed(source: torch.Tensor, part: slice, panel: int, interleave: int | Non
     packed.py). `source` may be a fresh view (e.g. weight.unsqueeze(0)): views share their base's version
     counter, so the memo is keyed on the base.
     """
-    layout = (panel, interleave) if kpack == 1 else (panel, interleave, kpack)
-    if isinstance(source, PackedWeight) and source.layout() == layout and part == slice(None):
+    if (
+        isinstance(source, PackedWeight)
+        and source.layout() == layout_of(panel, interleave, kpack)
+        and part == slice(None)
+    ):
         return source.packed  # packed in place (TunedMoE.pack_weights): the only copy there is
 
     def make() -> torch.Tensor:
@@ -74,7 +77,7 @@ def weight_layout(problem: Problem, target: Target, panel: int, interleave: int 
     with the k-packing of the dot-product kernels (kpack 4: VNNI codes; 2: bf16 pairs) where they run. The one
     place that decides it: the launchers and TunedMoE's in-place packing (model/runtime/inplace.py) both ask."""
     kind = tvm_cpu.dot_kernel(problem, target)
-    return (panel, interleave) if kind is None else (panel, interleave, KPACK[kind])
+    return layout_of(panel, interleave, 1 if kind is None else KPACK[kind])
 
 
 def _quantized(source: torch.Tensor, problem: Problem, layout: tuple[int | None, ...]) -> list[torch.Tensor]:

@@ -1,4 +1,5 @@
-"""The w8a8 / w4a8 expert GEMMs on CPUs with AVX-512 VNNI: integer dot products (`vpdpbusd`) in TVMScript.
+"""The w8a8 / w4a8 expert GEMMs on CPUs with AVX-512 VNNI or AVX-VNNI: integer dot products (`vpdpbusd`) in
+TVMScript (zmm: 16 int32 lanes; AVX-VNNI on AVX2 CPUs: the same instruction on 8-lane ymm vectors).
 
 Legend: T tokens, R input rows, NB blocks, BM rows per block, E experts, K reduction, G group, P panel, W panel
 width (2P for a gated gemm1, else P), NP panels, KB codes per 32-bit word of the weight (4 int8, 8 int4).
@@ -20,7 +21,7 @@ scales (E, NP, K/G, W) fp16. Output acc (NB, BM, NP * W) fp32, the panelled accu
 then  acc += float(isum - OFFSET * xsum) * (weight scale * input scale)
 (the unsigned codes are code + OFFSET, so OFFSET times the input's code sum comes off once per group). The
 tile's int32 and fp32 accumulators stay in registers; the weight words are read once per tile.
-  nt    P, the panel width (a multiple of 16 lanes)
+  nt    P, the panel width (a multiple of the vector's lanes)
   mt    rows per register tile (divides BM)
   order "panels_outer" (one expert's panel stays in cache across its blocks) or "blocks_outer"; the parallel
         loop is always blocks x panels fused.
@@ -40,12 +41,12 @@ OFFSET = {"int8": 128, "int4": 8}  # kernels/quant.py: the VNNI layout's codes a
 CODES_PER_WORD = {"int8": 4, "int4": 8}
 
 
-def _byte_vector() -> str:
-    """vpdpbusd's byte operands as LLVM types them: <64 x i8> from LLVM 22 (llvm/llvm-project#155194), <16 x i32>
-    before; TVM passes them as written, so the TVMScript names the type of the LLVM it is linked with."""
+def _byte_vector(lanes: int) -> str:
+    """vpdpbusd's byte operands as LLVM types them: <4L x i8> from LLVM 22 (llvm/llvm-project#155194), <L x i32>
+    before (L int32 lanes); TVM passes them as written, so the TVMScript names the type of the linked LLVM."""
     from tvm.target import codegen
 
-    return "int8x64" if codegen.llvm_version_major() >= 22 else "int32x16"
+    return f"int8x{4 * lanes}" if codegen.llvm_version_major() >= 22 else f"int32x{lanes}"
 
 
 def dims(problem: Problem, panel: int) -> tuple[int, int, int]:
@@ -55,23 +56,24 @@ def dims(problem: Problem, panel: int) -> tuple[int, int, int]:
     return problem["I"], -(-problem["H"] // panel), panel
 
 
-def acc_func(problem: Problem, panel: int, mt: int, panels_outer: bool) -> tvm.tirx.PrimFunc:
-    """The reduction of a w8a8 / w4a8 GEMM (module doc): xq, xs, xsum, rows, bexp, codes, scales -> acc."""
+def acc_func(problem: Problem, panel: int, mt: int, panels_outer: bool, vl: int = LANES) -> tvm.tirx.PrimFunc:
+    """The reduction of a w8a8 / w4a8 GEMM (module doc): xq, xs, xsum, rows, bexp, codes, scales -> acc. `vl`
+    int32 lanes per vector: 16 (zmm, AVX-512 VNNI) or 8 (ymm: AVX-VNNI, the same instruction on AVX2 CPUs)."""
     fmt, g_, bm, e_ = problem["wq"], problem["G"], problem["BM"], problem["E"]
     k_, np_, w_ = dims(problem, panel)
-    nc, kb, off = w_ // LANES, CODES_PER_WORD[fmt], OFFSET[fmt]
+    nc, kb, off = w_ // vl, CODES_PER_WORD[fmt], OFFSET[fmt]
     words, ngroups = g_ // kb, k_ // g_  # weight words per group; groups
     int4 = fmt == "int4"
-    vdp = T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512")
-    byte_vector = _byte_vector()
+    vdp = T.llvm_lookup_intrinsic_id(f"llvm.x86.avx512.vpdpbusd.{32 * vl}")
+    byte_vector, i32v, f32v = _byte_vector(vl), f"int32x{vl}", f"float32x{vl}"
 
     def lanes(i):
-        return T.ramp(i * LANES, 1, LANES)
+        return T.ramp(i * vl, 1, vl)
 
     def dot(acc, codes, x):
-        """acc (16 x int32) + the 4-byte dot products of 16 words of unsigned codes with the broadcast word x."""
-        bytes_x = T.reinterpret(T.broadcast(x, LANES), dtype=byte_vector)
-        return T.call_llvm_pure_intrin(vdp, acc, T.reinterpret(codes, dtype=byte_vector), bytes_x, dtype="int32x16")
+        """acc (vl x int32) + the 4-byte dot products of vl words of unsigned codes with the broadcast word x."""
+        bytes_x = T.reinterpret(T.broadcast(x, vl), dtype=byte_vector)
+        return T.call_llvm_pure_intrin(vdp, acc, T.reinterpret(codes, dtype=byte_vector), bytes_x, dtype=i32v)
 
     @T.prim_func
     def acc_fn(
@@ -96,39 +98,39 @@ def acc_func(problem: Problem, panel: int, mt: int, panels_outer: bool) -> tvm.t
             p = T.meta_var(pb // nb if panels_outer else pb % np_)
             b = T.meta_var(pb % nb if panels_outer else pb // np_)
             for m0 in range(bm // mt):
-                accf = T.alloc_buffer((mt * nc * LANES,), "float32", scope="local")
-                acci = T.alloc_buffer((mt * nc * LANES,), "int32", scope="local")
+                accf = T.alloc_buffer((mt * nc * vl,), "float32", scope="local")
+                acci = T.alloc_buffer((mt * nc * vl,), "int32", scope="local")
                 for i in T.unroll(mt * nc):
-                    accf[lanes(i)] = T.broadcast(T.float32(0), LANES)
+                    accf[lanes(i)] = T.broadcast(T.float32(0), vl)
                 for g in range(ngroups):
                     for i in T.unroll(mt * nc):
-                        acci[lanes(i)] = T.broadcast(T.int32(0), LANES)
+                        acci[lanes(i)] = T.broadcast(T.int32(0), vl)
                     for q in T.unroll(words):
                         for c in T.unroll(nc):
                             v = codes[bexp[b], p, g * words + q, lanes(c)]
                             for r in T.unroll(mt):
                                 x0 = xq[rows[b, m0 * mt + r], g * (g_ // 4) + q * (kb // 4)]
                                 if int4:  # low nibbles: k 0..3 of the word's 8, high nibbles: k 4..7
-                                    lo = T.bitwise_and(v, T.broadcast(T.int32(0x0F0F0F0F), LANES))
+                                    lo = T.bitwise_and(v, T.broadcast(T.int32(0x0F0F0F0F), vl))
                                     hi = T.bitwise_and(
-                                        T.shift_right(v, T.broadcast(T.int32(4), LANES)),
-                                        T.broadcast(T.int32(0x0F0F0F0F), LANES),
+                                        T.shift_right(v, T.broadcast(T.int32(4), vl)),
+                                        T.broadcast(T.int32(0x0F0F0F0F), vl),
                                     )
                                     x1 = xq[rows[b, m0 * mt + r], g * (g_ // 4) + q * 2 + 1]
                                     acci[lanes(r * nc + c)] = dot(dot(acci[lanes(r * nc + c)], lo, x0), hi, x1)
                                 else:
                                     acci[lanes(r * nc + c)] = dot(acci[lanes(r * nc + c)], v, x0)
                     for c in T.unroll(nc):
-                        ws = T.Cast("float32x16", scales[bexp[b], p, g, lanes(c)])
+                        ws = T.Cast(f32v, scales[bexp[b], p, g, lanes(c)])
                         for r in T.unroll(mt):
                             row = rows[b, m0 * mt + r]
-                            isum = acci[lanes(r * nc + c)] - T.broadcast(xsum[row, g] * off, LANES)
-                            accf[lanes(r * nc + c)] = accf[lanes(r * nc + c)] + T.Cast("float32x16", isum) * (
-                                ws * T.broadcast(xs[row, g], LANES)
+                            isum = acci[lanes(r * nc + c)] - T.broadcast(xsum[row, g] * off, vl)
+                            accf[lanes(r * nc + c)] = accf[lanes(r * nc + c)] + T.Cast(f32v, isum) * (
+                                ws * T.broadcast(xs[row, g], vl)
                             )
                 for r in T.unroll(mt):
                     for c in T.unroll(nc):
-                        acc[b, m0 * mt + r, T.ramp(p * w_ + c * LANES, 1, LANES)] = accf[lanes(r * nc + c)]
+                        acc[b, m0 * mt + r, T.ramp(p * w_ + c * vl, 1, vl)] = accf[lanes(r * nc + c)]
 
     return acc_fn
 

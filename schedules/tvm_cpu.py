@@ -28,7 +28,8 @@ expert); par = "fused".
 
 align and route's top-k selection are sequential TVMScript (ir/tvm_script.py): their spaces are empty.
 
-w8a8 / w4a8 GEMMs (Problem.act_quant) on a target with AVX-512 VNNI run the integer dot-product kernels of
+w8a8 / w4a8 GEMMs (Problem.act_quant) on a target with AVX-512 VNNI (or AVX-VNNI on an AVX2 CPU: the same
+kernels on 8-lane ymm vectors, nt 8 / 16 / 32, 16 registers) run the integer dot-product kernels of
 ir/tvm_vnni.py instead: space nt (16, 32, 64: the panel width, also their weight layout), mt, order, with the
 registers constraint counting an int32 and an fp32 accumulator per vector of the tile. Default: 64 columns per
 tile (W = 2nt for a gated gemm1), the most rows (<= 4) that fit and divide BM, panels_outer. Measured on the
@@ -79,7 +80,8 @@ def dot_kernel(problem: Problem, target: Target) -> str | None:
     features = _features(target)
     if problem.gemm not in ("gemm1", "gemm2") or _gemm_dims(problem)[0] <= 8:
         return None  # their panels are 16-column multiples: a narrower output runs the TE kernels
-    if problem.act_quant and {"avx512vnni", "avx512bw"} <= features:
+    zmm, ymm = {"avx512vnni", "avx512bw"} <= features, "avxvnni" in features and "avx512f" not in features
+    if problem.act_quant and (zmm or ymm):  # AVX-VNNI: the same instruction on 8 lanes (AVX2 CPUs)
         return "vnni"
     bf16 = problem.quant == "none" and problem.dtype == "bfloat16" and _gemm_dims(problem)[1] % 2 == 0
     return "bf16" if bf16 and {"avx512bf16", "avx512f"} <= features else None
@@ -110,12 +112,12 @@ def _gemm_dims(problem: Problem) -> tuple[int, int, int, int]:
 
 def _dot_space(problem: Problem, target: Target, kind: str) -> SearchSpace:
     n, _, bm, tiles = _gemm_dims(problem)
-    vregs = simd(target)[1]
+    lanes, vregs = simd(target)
     per_vector = 2 if kind == "vnni" else 1  # VNNI: an int32 and an fp32 accumulator per vector of the tile
     return SearchSpace(
         problem.op,
         params=(
-            Param("nt", (16, 32, 64), "columns per panel = the k-packed weight layout's panel width"),
+            Param("nt", (lanes, 2 * lanes, 4 * lanes), "columns per panel = the k-packed weight layout's panel width"),
             Param("mt", MT_CHOICES, "rows per register tile (divides BM)"),
             Param("order", ORDER_CHOICES, "outer loop: column panels or blocks (fused with the other, parallel)"),
         ),
@@ -123,9 +125,9 @@ def _dot_space(problem: Problem, target: Target, kind: str) -> SearchSpace:
             Constraint("mt_divides_bm", f"mt must divide BM={bm}", lambda p: bm % p["mt"] == 0),
             Constraint(
                 "registers",
-                f"{tiles} tile(s) of mt x nt/16 {'int32 and fp32' if per_vector == 2 else 'fp32'} accumulators"
+                f"{tiles} tile(s) of mt x nt/{lanes} {'int32 and fp32' if per_vector == 2 else 'fp32'} accumulators"
                 f" must leave 4 of {vregs} registers free",
-                lambda p: per_vector * tiles * p["mt"] * p["nt"] // 16 <= vregs - 4,
+                lambda p: per_vector * tiles * p["mt"] * p["nt"] // lanes <= vregs - 4,
             ),
             Constraint(
                 "panel_not_wider_than_output", f"nt must be < 2x the output width {n}", lambda p: p["nt"] < 2 * n
@@ -179,9 +181,10 @@ def default_point(problem: Problem, target: Target) -> Point:
         return {}
     n, red, _, tiles = _gemm_dims(problem)
     kind = dot_kernel(problem, target)
-    if kind is not None:  # VNNI: 64 columns per tile, <= 4 rows; bf16: 32-wide panels, the most rows that fit
-        widths = (64 // tiles, 32, 16) if kind == "vnni" else (32, 16, 64)
-        fits = [v for v in widths if 16 <= v < 2 * n] or [16]
+    if kind is not None:  # VNNI: 4 vectors per tile, <= 4 rows; bf16: 32-wide panels, the most rows that fit
+        lanes = simd(target)[0]
+        widths = (4 * lanes // tiles, 2 * lanes, lanes) if kind == "vnni" else (2 * lanes, lanes, 4 * lanes)
+        fits = [v for v in widths if lanes <= v < 2 * n] or [lanes]
         nt = next((v for v in fits if n % v == 0), fits[0])
         rows = (4, 3, 2, 1) if kind == "vnni" else (8, 6, 4, 3, 2, 1)
         mt = next(v for v in rows if sp.is_feasible({"nt": nt, "mt": v, "order": "panels_outer"}))
@@ -296,8 +299,10 @@ def _schedule_route(problem: Problem, point: Point):
 def _schedule_dot(problem: Problem, point: Point, lanes: int, kind: str) -> tvm.IRModule:
     """acc (ir/tvm_vnni.py: and quant; ir/tvm_bf16.py) and the TE epilogue "main", parallel over blocks (gemm1)
     or tokens (gemm2's combine), vectorised along the columns."""
-    make = tvm_vnni.acc_func if kind == "vnni" else tvm_bf16.acc_func
-    acc = make(problem, point["nt"], point["mt"], point["order"] == "panels_outer")
+    if kind == "vnni":
+        acc = tvm_vnni.acc_func(problem, point["nt"], point["mt"], point["order"] == "panels_outer", lanes)
+    else:
+        acc = tvm_bf16.acc_func(problem, point["nt"], point["mt"], point["order"] == "panels_outer")
     sch = tvm.s_tir.Schedule(tvm_vnni.epilogue_func(problem, point["nt"]))
     if problem.gemm == "gemm2":
         sch.compute_inline(sch.get_sblock("Zacc"))

@@ -85,17 +85,17 @@ def _case(cfg: MoEConfig, t: int):
     return program, layer, x, ref.align(weights, ids, cfg.num_experts, program.block_m)
 
 
-def _check_ops(cfg: MoEConfig, backend: str, t: int = 19, point: dict | None = None) -> None:
+def _check_ops(cfg: MoEConfig, backend: str, t: int = 19, point: dict | None = None, target=HOST) -> None:
     program, layer, x, al = _case(cfg, t)
     ex = layer.experts
     g1, g2 = program.op("experts.gemm1"), program.op("experts.gemm2")
-    c1 = KernelConfig.of(backend, point) if point else default_config(g1, backend, HOST)
-    c2 = KernelConfig.of(backend, point) if point else default_config(g2, backend, HOST)
-    act = get_impl("qgemm1", backend).fn(g1, c1, HOST, x, al, ex.gate_up_proj, ex.gate_up_bias)
+    c1 = KernelConfig.of(backend, point) if point else default_config(g1, backend, target)
+    c2 = KernelConfig.of(backend, point) if point else default_config(g2, backend, target)
+    act = get_impl("qgemm1", backend).fn(g1, c1, target, x, al, ex.gate_up_proj, ex.gate_up_bias)
     bias1 = None if ex.gate_up_bias is None else ex.gate_up_bias.float()
     want_act = ref.qgemm1(g1, x, al, ex.gate_up_proj, bias1)
     assert rel_err(act.float(), want_act.float()) <= _tol(cfg.dtype)
-    out = get_impl("qgemm2", backend).fn(g2, c2, HOST, act, al, ex.down_proj, ex.down_bias)
+    out = get_impl("qgemm2", backend).fn(g2, c2, target, act, al, ex.down_proj, ex.down_bias)
     bias2 = None if ex.down_bias is None else ex.down_bias.float()
     want = ref.qgemm2(g2, act, al, ex.down_proj, bias2, x.shape[0])
     assert rel_err(out.float(), want.float()) <= _tol(cfg.dtype)
@@ -169,6 +169,33 @@ def test_the_vnni_kernels_are_chosen_by_the_target_and_compile_for_it(spec, has)
                 compile_op(problem, point, target)  # builds anywhere: LLVM knows the CPU
     weight_only = lower(_cfg(quant="int4"), 16).op("experts.gemm1")
     assert tvm_cpu.dot_kernel(weight_only, target) is None
+
+
+AVX_VNNI = resolve_target("llvm -mcpu=alderlake")  # AVX2 + AVX-VNNI, no AVX-512
+
+
+def test_avx_vnni_cpus_run_the_same_kernels_on_ymm_vectors():
+    """An AVX2 CPU with AVX-VNNI (Alder Lake and later clients): the VNNI kernels on 8 lanes, 16 registers."""
+    assert tvm_cpu.simd(AVX_VNNI) == (8, 16)
+    for fmt in FORMATS:
+        for op in ("experts.gemm1", "experts.gemm2"):
+            problem = lower(_cfg(quant=fmt, expert_bias=True), 16).op(op)
+            assert tvm_cpu.dot_kernel(problem, AVX_VNNI) == "vnni"
+            space = backend_info("tvm").space(problem, AVX_VNNI)
+            assert space.params[0].choices == (8, 16, 32)
+            point = default_config(problem, "tvm", AVX_VNNI).as_dict()
+            assert space.is_feasible(point) and not space.is_feasible({**point, "mt": 2, "nt": 32})
+            asm = compile_op(problem, point, AVX_VNNI).mod.inspect_source("asm")
+            vdp = [line for line in asm.splitlines() if "vpdpbusd" in line]
+            assert vdp and all("ymm" in line for line in vdp) and "zmm" not in asm
+
+
+@pytest.mark.skipif("avxvnni" not in tvm_cpu._features(HOST), reason="the host has no AVX-VNNI (compiled above)")
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_avx_vnni_kernels_match_the_reference(fmt):
+    cfg = _cfg(quant=fmt, hidden_size=128, intermediate_size=96)
+    _check_ops(cfg, "tvm", 19, target=AVX_VNNI)
+    _check_ops(cfg, "tvm", 64, {"nt": 8, "mt": 1, "order": "blocks_outer"}, target=AVX_VNNI)
 
 
 # ---- the layer -----------------------------------------------------------------------------------------------

@@ -63,6 +63,11 @@ TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 5e-3}  # norm-wise re
 # an anchor quantizes the weights its own way (ggml's Q8_0 / Q4_0 rounding, and int8 activations in its dot
 # products): its distance to moetune's reference is a quantization step, not a kernel's rounding
 ANCHOR_QUANT_TOLERANCE = {"int8": 5e-2, "int4": 0.3, "w8a8": 5e-2, "w4a8": 0.3}
+# w8a8 / w4a8 quantize gemm2's input, gemm1's output, again: a rounding-level difference in gemm1 (integer sums vs
+# the reference's fp32 FMAs) moves a value across a rounding boundary now and then, and that input code changes
+# by one step (1/127 of its group's largest value). Measured on qwen3-30b-a3b, fp32, T=16: 1.2e-4 norm-wise on
+# the Zen5 host (one layout or index error gives ~1). The kernels' own tolerance stays 1e-5 (tests/test_quant_a8).
+ACT_QUANT_TOLERANCE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -188,6 +193,8 @@ def verify(provider: Provider, ref, tokens: list[int]) -> str | None:
     limit = TOLERANCE[cfg.dtype]
     if cfg.quant != "none" and provider.name in ANCHOR_PROVIDERS:
         limit = max(limit, ANCHOR_QUANT_TOLERANCE[cfg.quant])
+    elif cfg.act_quant:
+        limit = max(limit, ACT_QUANT_TOLERANCE)
     if cfg.dtype == "float32":
         ok, what = provider.max_rel_err <= limit, f"rel err {provider.max_rel_err:.3g}"
     else:

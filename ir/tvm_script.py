@@ -101,9 +101,10 @@ def route_select_func(problem: Problem):
                         ch[e] = T.float32(NEG)
             for j in range(k_):
                 best[0] = 0
-                for e in range(e_):
-                    if ch[e] > ch[best[0]]:
-                        best[0] = e
+                acc[0] = ch[0]
+                for e in range(1, e_):  # branch-free (selects, not jumps): the comparisons are unpredictable
+                    best[0] = T.Select(ch[e] > acc[0], e, best[0])
+                    acc[0] = T.max(ch[e], acc[0])
                 iout[t, j] = best[0]
                 wout[t, j] = sc[best[0]]
                 ch[best[0]] = T.float32(TAKEN)

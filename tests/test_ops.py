@@ -14,8 +14,9 @@ own error on the same inputs (`_torch_bf16_gemm1` / `_torch_bf16_gemm2`: the sam
 in bf16), with a floor of half a bf16 ulp; see `_assert_bf16_ok` (measured: at most 1.45x).
 
 Poison: launchers allocate outputs with torch.empty, so `poison` makes torch.empty return NaN (float) or a
-sentinel (int) while a kernel runs; an element a kernel never writes then fails the finiteness check or the
-exact comparison instead of passing on zero-filled fresh memory.
+sentinel (int) while a kernel runs, and turns off the reuse of launcher scratch (kernels/scratch.py) so that it
+is fresh and poisoned too; an element a kernel never writes then fails the finiteness check or the exact
+comparison instead of passing on zero-filled fresh memory.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from conftest import rel_err
 from moetune.ir.program import Problem, lower
 from moetune.ir.target import resolve_target
 from moetune.kernels import reference as ref
+from moetune.kernels import scratch
 from moetune.kernels.packed import pack_panels
 from moetune.kernels.registry import backend_info, default_config, get_impl
 from moetune.model import MoE, MoEConfig, TunedMoE
@@ -68,6 +70,7 @@ def poison(monkeypatch):
         return t.fill_(float("nan") if t.is_floating_point() else INT_POISON)
 
     monkeypatch.setattr(torch, "empty", poisoned_empty)
+    monkeypatch.setattr(scratch, "MAX_BYTES", -1)  # launcher scratch (kernels/scratch.py) fresh, poisoned, too
 
 
 def _launch(op: str, backend: str, problem: Problem, target, *args):

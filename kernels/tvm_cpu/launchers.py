@@ -26,6 +26,7 @@ from moetune.kernels.ops import check_tensor as _check
 from moetune.kernels.packed import PackedWeight, layout_of, pack
 from moetune.kernels.quant import QuantizedWeight, fake_quant_rows
 from moetune.kernels.registry import KernelConfig, register_backend, register_impl
+from moetune.kernels.scratch import scratch
 from moetune.kernels.tvm_cpu.build import build
 from moetune.schedules import tvm_cpu
 
@@ -125,9 +126,9 @@ def _dot_args(
         lhs = lhs if lhs.storage_offset() % 2 == 0 else lhs.clone()  # 32-bit words need an even bf16 offset
         return [lhs.view(torch.int32)], [words.view(torch.int32).squeeze(-1)]
     rows, k = lhs.shape
-    xq = torch.empty(rows, k, dtype=torch.int8)
+    xq = scratch("xq", (rows, k), torch.int8)
     groups = k // problem["G"]
-    xs, xsum = torch.empty(rows, groups, dtype=torch.float32), torch.empty(rows, groups, dtype=torch.int32)
+    xs, xsum = scratch("xs", (rows, groups), torch.float32), scratch("xsum", (rows, groups), torch.int32)
     mod["quant"](lhs, xq, xs, xsum)
     codes, scales = _quantized(source, problem, weight_layout(problem, target, panel, interleave))
     return [xq.view(torch.int32), xs, xsum], [codes.view(torch.int32).squeeze(-1), scales]
@@ -198,7 +199,7 @@ def gemm1(
     kind = tvm_cpu.dot_kernel(problem, target)
     if kind is not None:
         lhs, weight = _dot_args(mod, kind, problem, target, gate_up_proj, nt, i if gated else None, x.contiguous())
-        acc = torch.empty(al.num_blocks, bm, weight[0].shape[1] * weight[0].shape[3], dtype=torch.float32)
+        acc = scratch("acc", (al.num_blocks, bm, weight[0].shape[1] * weight[0].shape[3]), torch.float32)
         mod["acc"](*lhs, al.sorted_token, al.block_expert, *weight, acc)
         bias = [gate_up_bias.contiguous()] if problem["bias"] else []
         mod["main"](al.sorted_weight, al.block_expert, *bias, acc, out[: al.num_blocks])
@@ -237,13 +238,13 @@ def gemm2(
     mod = _module(problem, config, target)
     rows = act[: al.num_blocks].contiguous()
     t = al.inverse.shape[0]
-    z = torch.empty(al.num_blocks, bm, h, dtype=torch.float32)
+    z = scratch("z", (al.num_blocks, bm, h), torch.float32)
     out = torch.empty(t, h, dtype=act.dtype)
     kind = tvm_cpu.dot_kernel(problem, target)
     if kind is not None:
         lhs, weight = _dot_args(mod, kind, problem, target, down_proj, config["nt"], None, rows.view(-1, i))
         slots = torch.arange(al.num_blocks * bm, dtype=torch.int32).view(-1, bm)
-        acc = torch.empty(al.num_blocks, bm, weight[0].shape[1] * weight[0].shape[3], dtype=torch.float32)
+        acc = scratch("acc", (al.num_blocks, bm, weight[0].shape[1] * weight[0].shape[3]), torch.float32)
         mod["acc"](*lhs, slots, al.block_expert, *weight, acc)
         bias = [down_bias.contiguous()] if problem["bias"] else []
         mod["main"](al.sorted_weight, al.block_expert, al.inverse, *bias, acc, z, out)

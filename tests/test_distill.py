@@ -314,3 +314,18 @@ def test_a_quantized_student_packages_its_codes_and_loads_them(tiny_teacher, tmp
     loaded = load(pkg)
     assert {c.quant for c in loaded.moe_cfgs.values()} == {"int8"}
     torch.testing.assert_close(loaded.encode(HELDOUT), quantized, rtol=0, atol=1e-5)
+
+
+def test_default_recipe_fits_the_flops_budget_on_minilm():
+    """`moetune distill --teacher minilm` with no options: shared expert + top-K routed experts + router at most
+    35% of all-MiniLM-L6-v2's FFN FLOPs per token (issue #20), and the split is a valid one."""
+    from moetune.model.distill.moefy import check_split, student_config
+    from moetune.model.distill.recipe import RECIPE, default_shared
+
+    hidden, intermediate = 384, 1536  # all-MiniLM-L6-v2
+    e, k = RECIPE["experts"], RECIPE["top_k"]
+    shared = default_shared(intermediate, e) if RECIPE["shared"] is None else RECIPE["shared"]
+    check_split(intermediate, e, k, shared)
+    cfg = student_config(hidden, intermediate - shared, e, k, "gelu")
+    ratio = (cfg.flops_per_token() + 4 * hidden * shared) / (4 * hidden * intermediate)
+    assert 0.25 < ratio <= 0.35, ratio

@@ -104,7 +104,7 @@ def route_select_func(problem: Problem):
                 acc[0] = ch[0]
                 for e in range(1, e_):  # branch-free (selects, not jumps): the comparisons are unpredictable
                     best[0] = T.Select(ch[e] > acc[0], e, best[0])
-                    acc[0] = T.max(ch[e], acc[0])
+                    acc[0] = T.Select(ch[e] > acc[0], ch[e], acc[0])  # as the branch did, NaN included
                 iout[t, j] = best[0]
                 wout[t, j] = sc[best[0]]
                 ch[best[0]] = T.float32(TAKEN)

@@ -258,6 +258,20 @@ def test_route_matches_reference(overrides, t, boost, dtype, backend, target, po
     _assert_fp32_ok(weights, want_w)
 
 
+def test_tvm_route_keeps_expert_ids_in_range_on_nan_logits(target):
+    """A NaN token (a diverged model) still gets expert ids in [0, E) from the tvm top-k (an id >= E would index
+    past the expert weights); the other tokens route exactly as the reference."""
+    cfg = MoEConfig(hidden_size=37, intermediate_size=8, num_experts=13, top_k=3)
+    router = MoE(cfg).router
+    x = torch.randn(6, cfg.hidden_size)
+    x[2] = float("nan")
+    _, ids = _launch("route", "tvm", lower(cfg, 6).op("route"), target, x, router.weight, None, None)
+    assert ((ids >= 0) & (ids < cfg.num_experts)).all()
+    keep = [0, 1, 3, 4, 5]
+    _, want_ids = ref.select_experts(ref.router_logits(x[keep], router.weight, router.bias), cfg, None)
+    assert torch.equal(ids[keep].long(), want_ids)
+
+
 # ---- align ------------------------------------------------------------------------------------------------
 # (T, K, E, BM, ids): ids as (T, K) int32, built from a fresh random draw inside the test.
 ALIGN_CASES = [

@@ -26,8 +26,7 @@ def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tens
 
     Its contents are garbage, and it is overwritten by the next scratch(name, ...) call on this thread."""
     n = math.prod(shape)
-    size = n * torch.empty((), dtype=dtype).element_size()
-    if size > MAX_BYTES:
+    if n * dtype.itemsize > MAX_BYTES:
         return torch.empty(shape, dtype=dtype)
     pool: dict[tuple[str, torch.dtype], torch.Tensor] = _LOCAL.__dict__.setdefault("pool", {})
     buf = pool.get((name, dtype))

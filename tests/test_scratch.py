@@ -61,8 +61,7 @@ def test_layer_is_exact_after_a_larger_call_left_its_scratch(dtype):
     tuned = TunedMoE.from_module(ref, backends=("tvm",), db=False)
     for t in (96, 5, 96, 1):
         x = torch.randn(t, 64).to(cfg.torch_dtype)
-        want = ref(x)[0] if isinstance(ref(x), tuple) else ref(x)
-        got = tuned(x)
-        got = got[0] if isinstance(got, tuple) else got
+        want, got = ref(x), tuned(x)
+        want, got = (want[0], got[0]) if isinstance(want, tuple) else (want, got)
         tol = 1e-5 if dtype == "float32" else 2e-2
         assert rel_err(got.float(), want.float()) <= tol, t

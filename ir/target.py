@@ -37,7 +37,8 @@ def host_cpu() -> dict[str, Any]:
 
     mcpu = codegen.llvm_get_system_cpu()
     target = Target({"kind": "llvm", "mcpu": mcpu})
-    features = sorted(f for f in codegen.llvm_get_cpu_features(target) if str(f).startswith(_FEATURE_PREFIXES))
+    listed = sorted(str(f) for f in codegen.llvm_get_cpu_features(target) if str(f).startswith(_FEATURE_PREFIXES))
+    features, off = split_os_enabled(listed, _read_cpuinfo())
     return {
         "kind": "cpu",
         "name": _cpu_model_name() or platform.processor() or mcpu,
@@ -45,19 +46,42 @@ def host_cpu() -> dict[str, Any]:
         "tvm_target": {"kind": "llvm", "mcpu": mcpu},
         "triple": str(codegen.llvm_get_system_triple()),
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "features": [str(f) for f in features],
+        "features": features,
+        "not_enabled": off,
     }
 
 
-def _cpu_model_name() -> str | None:
+# /proc/cpuinfo's names for LLVM features whose names differ by more than punctuation (AArch64 'Features').
+_CPUINFO_ALIASES = {"asimd": "neon", "asimddp": "dotprod"}
+
+
+def _read_cpuinfo() -> str:
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+            return f.read()
     except OSError:
-        return None
-    return None
+        return ""
+
+
+def split_os_enabled(features: list[str], cpuinfo: str) -> tuple[list[str], list[str]]:
+    """LLVM's features of the host's mcpu -> (those the kernel reports enabled, those it does not).
+
+    LLVM lists what the CPU *model* has: a hypervisor may hide some (seen: `-mcpu=emeraldrapids` under KVM with
+    AMX absent from CPUID and XCR0), and an instruction the OS has not enabled faults. /proc/cpuinfo's `flags`
+    (x86) or `Features` (AArch64) line is what this machine runs; names compare without punctuation
+    (`sse4.1` / `sse4_1`, `amx-tile` / `amx_tile`). Without that line nothing is filtered."""
+    line = next((ln for ln in cpuinfo.splitlines() if ln.startswith(("flags", "Features"))), None)
+    if line is None:
+        return list(features), []
+    norm = lambda name: re.sub(r"[^a-z0-9]", "", name.lower())  # noqa: E731
+    enabled = {norm(_CPUINFO_ALIASES.get(f, f)) for f in line.split(":", 1)[1].split()}
+    on = [f for f in features if norm(f) in enabled]
+    return on, [f for f in features if norm(f) not in enabled]
+
+
+def _cpu_model_name() -> str | None:
+    line = next((ln for ln in _read_cpuinfo().splitlines() if ln.startswith("model name")), None)
+    return line.split(":", 1)[1].strip() if line else None
 
 
 def cuda_gpus() -> list[dict[str, Any]]:

@@ -55,7 +55,7 @@ def pack_gate_up(w: torch.Tensor, i: int, panel: int) -> torch.Tensor:
     return out
 
 
-KPACKS = (1, 2)  # consecutive k of one column stored together: 1 (the panels), 2 (bf16 pairs)
+DENSE_KPACKS = (1, 2)  # consecutive k of one column stored together: 1 (the panels), 2 (bf16 pairs)
 
 
 def layout_of(panel: int | None, interleave: int | None, kpack: int = 1) -> tuple[int | None, ...]:
@@ -67,8 +67,8 @@ def layout_of(panel: int | None, interleave: int | None, kpack: int = 1) -> tupl
 def pack(w: torch.Tensor, panel: int, interleave: int | None = None, kpack: int = 1) -> torch.Tensor:
     """pack_panels, or pack_gate_up when `interleave` is I (a gated gemm1's [gate | up] weight); kpack 2: then
     each column's consecutive k paired, (G, NP, Kd/2, W, 2) (module doc)."""
-    if kpack not in KPACKS or w.shape[-1] % kpack:
-        raise ValueError(f"kpack must be one of {KPACKS} and divide the reduction {w.shape[-1]}, got {kpack}")
+    if kpack not in DENSE_KPACKS or w.shape[-1] % kpack:
+        raise ValueError(f"kpack must be one of {DENSE_KPACKS} and divide the reduction {w.shape[-1]}, got {kpack}")
     panels = pack_panels(w, panel) if interleave is None else pack_gate_up(w, interleave, panel)
     if kpack == 1:
         return panels

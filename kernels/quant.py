@@ -52,7 +52,7 @@ aten = torch.ops.aten
 QMAX = {"int8": 127, "int4": 7}
 OFFSET = {"int8": 128, "int4": 8}  # the VNNI layout's unsigned codes are code + OFFSET
 SCALE_DTYPE = torch.float16
-KPACKS = (1, 4)  # codes of consecutive k per column stored together: 1 (the panels), 4 (VNNI)
+CODE_KPACKS = (1, 4)  # codes of consecutive k per column stored together: 1 (the panels), 4 (VNNI)
 
 
 def quantize_rows(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,7 +184,7 @@ class QuantizedWeight(StoredWeight):
         if (tuple(codes.shape), tuple(scales.shape)) != want:
             got = (tuple(codes.shape), tuple(scales.shape))
             raise ValueError(f"{fmt} codes/scales of a {tuple(shape)} weight must be {want}, got {got}")
-        if kpack not in KPACKS or (kpack != 1 and (panel is None or kd % (4 if fmt == "int8" else 8))):
+        if kpack not in CODE_KPACKS or (kpack != 1 and (panel is None or kd % (4 if fmt == "int8" else 8))):
             step = 4 if fmt == "int8" else 8
             raise ValueError(f"kpack {kpack} needs panels and a reduction of a multiple of {step}; got {shape}")
         if panel is not None and kpack == 4:

@@ -94,3 +94,15 @@ def test_every_op_compiles_for_the_isa(spec):
 def test_bad_cpu_targets_are_refused(spec, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         resolve_target(spec)
+
+
+def test_features_the_os_does_not_enable_are_not_reported_as_available():
+    """LLVM lists the mcpu's features; a hypervisor may hide some (AMX under KVM): /proc/cpuinfo decides."""
+    from moetune.ir.target import split_os_enabled
+
+    llvm = ["amx-tile", "avx2", "avx512bf16", "avx512f", "sse4.1"]
+    x86 = "processor\t: 0\nflags\t\t: fpu sse4_1 avx2 avx512f avx512_bf16 avx_vnni\n"
+    assert split_os_enabled(llvm, x86) == (["avx2", "avx512bf16", "avx512f", "sse4.1"], ["amx-tile"])
+    arm = "Features\t: fp asimd asimddp i8mm\n"
+    assert split_os_enabled(["dotprod", "i8mm", "neon", "sve"], arm) == (["dotprod", "i8mm", "neon"], ["sve"])
+    assert split_os_enabled(llvm, "") == (llvm, [])  # no cpuinfo: nothing filtered

@@ -35,6 +35,8 @@ def targets(as_json: JsonFlag = False) -> None:
     for t in found:
         if t["kind"] == "cpu":
             details = f"{t['cores']} cores; {t['triple']}; ISA: {' '.join(t['features']) or '-'}"
+            if t.get("not_enabled"):
+                details += f"; not enabled here (hidden by the OS or hypervisor): {' '.join(t['not_enabled'])}"
         else:
             details = f"cc {t['compute_capability']}; {t['sm_count']} SMs; {t['memory_gib']} GiB"
         table.add_row(t["kind"], t["name"], t["target"], details)

@@ -35,7 +35,7 @@ import tvm
 from tvm.script import tirx as T
 
 from moetune.ir.program import Problem
-from moetune.ir.tvm_vnni import LANES, dims
+from moetune.ir.tvm_vnni import LANES, ahead, dims, prefetch
 
 DPBF16PS = "moetune_dpbf16ps"
 
@@ -58,11 +58,13 @@ define internal <16 x float> @{DPBF16PS}(<16 x float> %acc, <16 x i32> %a, <16 x
 """
 
 
-def acc_func(problem: Problem, panel: int, mt: int, panels_outer: bool) -> tvm.tirx.PrimFunc:
-    """The reduction of a bf16 GEMM (module doc): x, rows, bexp, weight words -> acc."""
+def acc_func(problem: Problem, panel: int, mt: int, panels_outer: bool, pf: int = 0) -> tvm.tirx.PrimFunc:
+    """The reduction of a bf16 GEMM (module doc): x, rows, bexp, weight words -> acc; `pf` the software
+    prefetch distance in KiB along the panel (ir/tvm_vnni.py's module doc)."""
     bm, e_ = problem["BM"], problem["E"]
     k_, np_, w_ = dims(problem, panel)
     nc, words = w_ // LANES, k_ // 2
+    pf_rows = ahead(pf, w_ * 4)  # a k pair's row: W 32-bit words
     helper = _llvm_dpbf16ps()
 
     def lanes(i):
@@ -91,6 +93,9 @@ def acc_func(problem: Problem, panel: int, mt: int, panels_outer: bool) -> tvm.t
                     for i in T.unroll(mt * nc):
                         accf[lanes(i)] = T.broadcast(T.float32(0), LANES)
                     for q in range(words):
+                        if pf_rows > 0:
+                            for c in T.unroll(nc):
+                                prefetch(w, bexp[b], p, q + pf_rows, c * LANES)
                         for c in T.unroll(nc):
                             v = w[bexp[b], p, q, lanes(c)]
                             for r in T.unroll(mt):

@@ -45,6 +45,10 @@ gemm1's tile 64 columns), the most rows that fit and divide BM, panels_outer; a 
 output comes first, as above. Measured on the Zen5 host (qwen3-30b-a3b, T=256, BM=8; results/amd-epyc-znver5-2c-
 x86_64/RESULTS.md): gemm1 mt 4 x nt 32 39.9 ms (8 x 16: 43.4), gemm2 8 x 32 23.2 ms (4 x 64: 31.9); T=1 layer
 with gemm2 nt 32 2.37 ms, nt 64 2.62 ms.
+
+Both dot-product kernels also take pf, a software prefetch distance along the weight panel (0 / 4 / 8 / 16
+KiB): default 8 at BM <= 2 (decode: each weight read once, from memory), else 0 (prefill reuses a panel across
+blocks; w4a8 at T=256 on the Intel Emerald Rapids host, pf 8 was 0-5% slower).
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ MT_CHOICES = (1, 2, 3, 4, 6, 8)
 KT_CHOICES = (1, 2, 4, 8)
 PAR_CHOICES = ("outer", "fused")
 ORDER_CHOICES = ("panels_outer", "blocks_outer")
+PF_CHOICES = (0, 4, 8, 16)  # the dot-product kernels' software prefetch distance, KiB (ir/tvm_vnni.py)
 
 
 @cache
@@ -120,6 +125,7 @@ def _dot_space(problem: Problem, target: Target, kind: str) -> SearchSpace:
             Param("nt", (lanes, 2 * lanes, 4 * lanes), "columns per panel = the k-packed weight layout's panel width"),
             Param("mt", MT_CHOICES, "rows per register tile (divides BM)"),
             Param("order", ORDER_CHOICES, "outer loop: column panels or blocks (fused with the other, parallel)"),
+            Param("pf", PF_CHOICES, "software prefetch distance along the weight panel, KiB (0: none)"),
         ),
         constraints=(
             Constraint("mt_divides_bm", f"mt must divide BM={bm}", lambda p: bm % p["mt"] == 0),
@@ -187,8 +193,10 @@ def default_point(problem: Problem, target: Target) -> Point:
         fits = [v for v in widths if lanes <= v < 2 * n] or [lanes]
         nt = next((v for v in fits if n % v == 0), fits[0])
         rows = (4, 3, 2, 1) if kind == "vnni" else (8, 6, 4, 3, 2, 1)
-        mt = next(v for v in rows if sp.is_feasible({"nt": nt, "mt": v, "order": "panels_outer"}))
-        return {"nt": nt, "mt": mt, "order": "panels_outer"}
+        pf = 8 if problem["BM"] <= 2 else 0  # decode streams each weight once: prefetch; prefill reuses panels
+        point = {"nt": nt, "order": "panels_outer", "pf": pf}
+        mt = next(v for v in rows if sp.is_feasible({**point, "mt": v}))
+        return {**point, "mt": mt}
     lanes, _ = simd(target)
     kt = next(v for v in (4, 2, 1) if red % v == 0)
     base = {"kt": kt, "order": "panels_outer", "par": "fused"}
@@ -300,9 +308,9 @@ def _schedule_dot(problem: Problem, point: Point, lanes: int, kind: str) -> tvm.
     """acc (ir/tvm_vnni.py: and quant; ir/tvm_bf16.py) and the TE epilogue "main", parallel over blocks (gemm1)
     or tokens (gemm2's combine), vectorised along the columns."""
     if kind == "vnni":
-        acc = tvm_vnni.acc_func(problem, point["nt"], point["mt"], point["order"] == "panels_outer", lanes)
+        acc = tvm_vnni.acc_func(problem, point["nt"], point["mt"], point["order"] == "panels_outer", lanes, point["pf"])
     else:
-        acc = tvm_bf16.acc_func(problem, point["nt"], point["mt"], point["order"] == "panels_outer")
+        acc = tvm_bf16.acc_func(problem, point["nt"], point["mt"], point["order"] == "panels_outer", point["pf"])
     sch = tvm.s_tir.Schedule(tvm_vnni.epilogue_func(problem, point["nt"]))
     if problem.gemm == "gemm2":
         sch.compute_inline(sch.get_sblock("Zacc"))

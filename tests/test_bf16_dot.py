@@ -77,14 +77,19 @@ def test_bf16_dot_gemms_match_the_reference(kw):
 
 
 @needs_bf16
-def test_every_bf16_tile_shape_and_order_is_right():
+def test_every_bf16_tile_shape_order_and_prefetch_is_right():
     cfg = _cfg(hidden_size=128, intermediate_size=64, num_experts=4)
     program = lower(cfg, 64)
     space = backend_info("tvm").space(program.op("experts.gemm1"), HOST)
     ran = 0
     for nt in (16, 32, 64):
-        for mt, order in ((1, "panels_outer"), (2, "blocks_outer"), (4, "panels_outer"), (8, "blocks_outer")):
-            point = {"nt": nt, "mt": mt, "order": order}
+        for mt, order, pf in (
+            (1, "panels_outer", 8),
+            (2, "blocks_outer", 0),
+            (4, "panels_outer", 16),
+            (8, "blocks_outer", 4),
+        ):
+            point = {"nt": nt, "mt": mt, "order": order, "pf": pf}  # pf: prefetches past the last panel's end too
             if space.is_feasible(point) and program.block_m % mt == 0:
                 _check_ops(cfg, 64, point)
                 ran += 1
@@ -161,3 +166,18 @@ def test_the_te_kernels_read_a_k_paired_weight_too(monkeypatch):
     act = get_impl("gemm1", "tvm").fn(g1, c1, HOST, x, al, paired, None)
     want = ref.gemm1(g1, x, al, layer.experts.gate_up_proj, None)
     assert rel_err(act.float(), want.float()) <= TOL
+
+
+@pytest.mark.parametrize("spec", ["llvm -mcpu=sapphirerapids", "llvm -mcpu=cascadelake"])
+def test_decode_points_prefetch_the_weight_stream_and_prefill_points_do_not(spec):
+    """pf (KiB ahead along the panel) defaults to 8 where BM <= 2 (each weight read once, from memory) and to 0
+    for prefill; the kernels carry a `prefetcht0` per line exactly when pf > 0. Compiled, not run: any host."""
+    target = resolve_target(spec)
+    cfg = _cfg() if spec.endswith("sapphirerapids") else _cfg(quant="w4a8", dtype="float32")  # bf16 / VNNI kernels
+    for tokens, want in ((1, 8), (256, 0)):
+        problem = lower(cfg, tokens).op("experts.gemm2")
+        point = default_config(problem, "tvm", target).as_dict()
+        assert point["pf"] == want, (tokens, problem["BM"])
+        for pf in (0, 8):
+            asm = compile_op(problem, {**point, "pf": pf}, target).mod.inspect_source("asm")
+            assert ("prefetcht0" in asm) is (pf > 0)

@@ -121,14 +121,14 @@ def test_without_vnni_the_weight_only_kernels_run_on_the_quantized_inputs(fmt, m
 
 @pytest.mark.skipif(not HOST_VNNI, reason="the host has no AVX-512 VNNI (the kernels are compiled below)")
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_every_vnni_tile_shape_and_order_is_right(fmt):
+def test_every_vnni_tile_shape_order_and_prefetch_is_right(fmt):
     cfg = _cfg(quant=fmt, hidden_size=128, intermediate_size=64, num_experts=4)
     program = lower(cfg, 64)
     space = backend_info("tvm").space(program.op("experts.gemm1"), HOST)
     ran = 0
     for nt in (16, 32, 64):
-        for mt, order in ((1, "panels_outer"), (2, "blocks_outer"), (4, "panels_outer")):
-            point = {"nt": nt, "mt": mt, "order": order}
+        for mt, order, pf in ((1, "panels_outer", 8), (2, "blocks_outer", 0), (4, "panels_outer", 16)):
+            point = {"nt": nt, "mt": mt, "order": order, "pf": pf}  # pf: prefetches past the last panel's end too
             if space.is_feasible(point) and program.block_m % mt == 0:
                 _check_ops(cfg, "tvm", 64, point)
                 ran += 1
@@ -149,7 +149,7 @@ def test_vnni_kernels_on_partial_panels_and_wider_groups(fmt, kw):
     """A last panel only partly filled (96 columns in panels of 64) and a group of 64 (two scales per panel row
     of 128): both read the right words and scales."""
     cfg = _cfg(quant=fmt, **{"hidden_size": 128, "intermediate_size": 128, **kw})
-    _check_ops(cfg, "tvm", 13, {"nt": 64, "mt": 1, "order": "panels_outer"})
+    _check_ops(cfg, "tvm", 13, {"nt": 64, "mt": 1, "order": "panels_outer", "pf": 4})
     _check_ops(cfg, "tvm", 13)
 
 
@@ -195,7 +195,7 @@ def test_avx_vnni_cpus_run_the_same_kernels_on_ymm_vectors():
 def test_avx_vnni_kernels_match_the_reference(fmt):
     cfg = _cfg(quant=fmt, hidden_size=128, intermediate_size=96)
     _check_ops(cfg, "tvm", 19, target=AVX_VNNI)
-    _check_ops(cfg, "tvm", 64, {"nt": 8, "mt": 1, "order": "blocks_outer"}, target=AVX_VNNI)
+    _check_ops(cfg, "tvm", 64, {"nt": 8, "mt": 1, "order": "blocks_outer", "pf": 8}, target=AVX_VNNI)
 
 
 # ---- the layer -----------------------------------------------------------------------------------------------

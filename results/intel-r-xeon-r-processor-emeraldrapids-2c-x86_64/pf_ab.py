@@ -1,6 +1,6 @@
 """A/B of the dot-product kernels' software prefetch distance: qwen3-30b-a3b at T (ARGV[2]) in format ARGV[1]
 (bf16 or w8a8 / w4a8 on fp32), both GEMMs at their default config with pf = each of ARGV[4] (KiB, comma-
-separated). 64 rotating inputs (8 at T > 16: the weights stream from memory), ROUNDS (ARGV[3]) rounds, the
+separated; NT:PF also sets both panel widths to NT, mt 1). 64 rotating inputs (8 at T > 16: the weights stream from memory), ROUNDS (ARGV[3]) rounds, the
 variants interleaved call by call, each on another input; per-op and layer p50 ms."""
 
 import collections
@@ -28,12 +28,14 @@ ref = reference_layer(cfg)
 host = resolve_target("cpu")
 program = lower(cfg, t)
 layers = {}
-for pf in sys.argv[4].split(","):
+for variant in sys.argv[4].split(","):  # PF or NT:PF (both GEMMs at panel width NT, mt 1)
     configs = {}
     for op in ("experts.gemm1", "experts.gemm2"):
         point = default_config(program.op(op), "tvm", host).as_dict()
-        configs[op] = KernelConfig.of("tvm", {**point, "pf": int(pf)})
-    order = f"pf={pf}"
+        if ":" in variant:
+            point = {**point, "nt": int(variant.split(":")[0]), "mt": 1}
+        configs[op] = KernelConfig.of("tvm", {**point, "pf": int(variant.split(":")[-1])})
+    order = f"pf={variant}"
     layers[order] = TunedMoE.from_module(
         ref, backends=("tvm",), db=False, configs=configs, quant=None if quant == "none" else quant
     )

@@ -24,8 +24,14 @@ moe_s = []
 def timed(model, label):
     blocks = [m for n, m in model.named_modules() if n.endswith("mlp")]
     starts = {}
-    hooks = [b.register_forward_pre_hook(lambda m, a: starts.__setitem__(id(m), time.perf_counter())) for b in blocks]
-    hooks += [b.register_forward_hook(lambda m, a, o: moe_s.append(time.perf_counter() - starts[id(m)])) for b in blocks]
+
+    def before(m, a):
+        starts[id(m)] = time.perf_counter()
+
+    def after(m, a, o):
+        moe_s.append(time.perf_counter() - starts[id(m)])
+
+    hooks = [b.register_forward_pre_hook(before) for b in blocks] + [b.register_forward_hook(after) for b in blocks]
     with torch.no_grad():
         model(prompt)
         rows = []
@@ -38,7 +44,10 @@ def timed(model, label):
     for h in hooks:
         h.remove()
     total, moe = statistics.median(r[0] for r in rows), statistics.median(r[1] for r in rows)
-    print(f"{label:14s} T={tokens} total {total * 1e3:7.1f} ms  MoE blocks {moe * 1e3:7.1f} ms  rest {(total - moe) * 1e3:7.1f} ms")
+    rest = total - moe
+    print(
+        f"{label:14s} T={tokens} total {total * 1e3:7.1f} ms  MoE blocks {moe * 1e3:7.1f} ms  rest {rest * 1e3:7.1f} ms"
+    )
 
 
 timed(model, "hf-grouped_mm")
@@ -58,4 +67,5 @@ for layer, (block, x) in enumerate(zip(blocks, seen, strict=True)):
     w = router.weight if hasattr(router, "weight") else router.gate.weight
     ids = torch.topk(x.float() @ w.float().T, cfg.top_k, dim=-1).indices
     counts = torch.bincount(ids.flatten(), minlength=cfg.num_experts)
-    print(f"layer {layer}: {int((counts > 0).sum())} of {cfg.num_experts} experts touched, max rows {int(counts.max())}")
+    touched = int((counts > 0).sum())
+    print(f"layer {layer}: {touched} of {cfg.num_experts} experts touched, max rows {int(counts.max())}")

@@ -1,7 +1,8 @@
 """A/B of the dot-product kernels' software prefetch distance: qwen3-30b-a3b at T (ARGV[2]) in format ARGV[1]
-(bf16 or w8a8 / w4a8 on fp32), both GEMMs at their default config with pf = each of ARGV[4] (KiB, comma-
-separated; NT:PF also sets both panel widths to NT, mt 1). 64 rotating inputs (8 at T > 16: the weights stream from memory), ROUNDS (ARGV[3]) rounds, the
-variants interleaved call by call, each on another input; per-op and layer p50 ms."""
+(bf16 or w8a8 / w4a8 on fp32; fp32 runs the TE kernels, which have no pf), both GEMMs at their default config
+with pf = each of ARGV[4] (KiB, comma-separated; NT:PF also sets both panel widths to NT, mt 1). 64 rotating
+inputs (8 at T > 16: the weights stream from memory), ROUNDS (ARGV[3]) rounds, the variants interleaved call by
+call, each on another input; per-op and layer p50 ms."""
 
 import collections
 import statistics

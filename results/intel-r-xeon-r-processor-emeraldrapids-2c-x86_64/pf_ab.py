@@ -1,6 +1,7 @@
 """A/B of the dot-product kernels' software prefetch distance: qwen3-30b-a3b at T (ARGV[2]) in format ARGV[1]
 (bf16 or w8a8 / w4a8 on fp32; fp32 runs the TE kernels, which have no pf), both GEMMs at their default config
-with pf = each of ARGV[4] (KiB, comma-separated; NT:PF also sets both panel widths to NT, mt 1). 64 rotating
+with pf = each of ARGV[4] (KiB, comma-separated; NT:PF also sets both panel widths to NT, mt 1; NT:PF:ORDER
+also the order, NT 0 keeping the default width). 64 rotating
 inputs (8 at T > 16: the weights stream from memory), ROUNDS (ARGV[3]) rounds, the variants interleaved call by
 call, each on another input; per-op and layer p50 ms."""
 
@@ -33,9 +34,12 @@ for variant in sys.argv[4].split(","):  # PF or NT:PF (both GEMMs at panel width
     configs = {}
     for op in ("experts.gemm1", "experts.gemm2"):
         point = default_config(program.op(op), "tvm", host).as_dict()
-        if ":" in variant:
-            point = {**point, "nt": int(variant.split(":")[0]), "mt": 1}
-        configs[op] = KernelConfig.of("tvm", {**point, "pf": int(variant.split(":")[-1])})
+        parts = variant.split(":")  # PF | NT:PF | NT:PF:ORDER (NT 0: the default width)
+        if len(parts) > 1 and int(parts[0]):
+            point = {**point, "nt": int(parts[0]), "mt": 1}
+        if len(parts) > 2:
+            point = {**point, "order": parts[2]}
+        configs[op] = KernelConfig.of("tvm", {**point, "pf": int(parts[1] if len(parts) > 1 else parts[0])})
     order = f"pf={variant}"
     layers[order] = TunedMoE.from_module(
         ref, backends=("tvm",), db=False, configs=configs, quant=None if quant == "none" else quant

@@ -5,18 +5,17 @@ bf16te (the widening TE kernels forced), bf16:NT (vdpbf16ps, both GEMMs at panel
 32 inputs x ROUNDS (ARGV[3]) interleaved per round; routing differs per input, so weights stream from memory.
 """
 
-import collections
 import statistics
 import sys
 import time
 
 import torch
+from op_timer import label, times
 
 from moetune.autotune.bench.layer import reference_layer
 from moetune.kernels.registry import KernelConfig
 from moetune.model import MoEConfig, TunedMoE
 from moetune.model.config.presets import PRESETS
-from moetune.model.runtime import plan as planmod
 from moetune.schedules import tvm_cpu
 
 torch.set_num_threads(2)
@@ -39,22 +38,10 @@ for name in names:
     layers[name] = TunedMoE.from_module(refs[dt], backends=("tvm",), db=False, configs=configs)
     layers[name].pack_weights()
     tvm_cpu.dot_kernel = real
-times = collections.defaultdict(list)
-orig, current = planmod.Plan.run, [None]
-
-
-def run(self, op, *a, **k):
-    t0 = time.perf_counter()
-    r = orig(self, op, *a, **k)
-    times[(current[0], op)].append(time.perf_counter() - t0)
-    return r
-
-
-planmod.Plan.run = run
 xs = [torch.randn(t, 2048) for _ in range(32)]
 for _r in range(rounds + 1):
     for name, layer in layers.items():
-        current[0] = name
+        label[0] = name
         tvm_cpu.dot_kernel = (lambda p, tg: None) if name in forced_te else real
         for x in xs:
             t0 = time.perf_counter()

@@ -2,17 +2,15 @@
 format on fp32): "hot" repeats one input (its 8 experts' weights stay in L2/L3: the kernels' compute time),
 "cold" rotates 64 inputs (the weights stream from memory). Interleaved rounds, p50 of each op."""
 
-import collections
 import statistics
 import sys
-import time
 
 import torch
+from op_timer import label, times
 
 from moetune.autotune.bench.layer import reference_layer
 from moetune.model import MoEConfig, TunedMoE
 from moetune.model.config.presets import PRESETS
-from moetune.model.runtime import plan as planmod
 
 torch.set_num_threads(2)
 fmt, t = sys.argv[1], int(sys.argv[2])
@@ -23,24 +21,12 @@ layer = TunedMoE.from_module(
     reference_layer(cfg), backends=("tvm",), db=False, quant=None if quant == "none" else quant
 )
 layer.pack_weights()
-times, mode = collections.defaultdict(list), ["warm"]
-orig = planmod.Plan.run
-
-
-def run(self, op, *a, **k):
-    t0 = time.perf_counter()
-    r = orig(self, op, *a, **k)
-    times[(mode[0], op)].append(time.perf_counter() - t0)
-    return r
-
-
-planmod.Plan.run = run
 xs = [torch.randn(t, 2048).to(cfg.torch_dtype) for _ in range(64 if t <= 16 else 8)]
 for _r in range(int(sys.argv[3]) if len(sys.argv) > 3 else 4):
-    mode[0] = "cold"
+    label[0] = "cold"
     for x in xs:
         layer(x)
-    mode[0] = "hot"
+    label[0] = "hot"
     for _ in range(len(xs)):
         layer(xs[0])
 ops = ("route", "align", "experts.gemm1", "experts.gemm2")

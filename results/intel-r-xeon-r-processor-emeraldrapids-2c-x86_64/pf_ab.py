@@ -5,12 +5,12 @@ also the order, NT 0 keeping the default width). 64 rotating
 inputs (8 at T > 16: the weights stream from memory), ROUNDS (ARGV[3]) rounds, the variants interleaved call by
 call, each on another input; per-op and layer p50 ms."""
 
-import collections
 import statistics
 import sys
 import time
 
 import torch
+from op_timer import label, times
 
 from moetune.autotune.bench.layer import reference_layer
 from moetune.ir.program import lower
@@ -18,7 +18,6 @@ from moetune.ir.target import resolve_target
 from moetune.kernels.registry import KernelConfig, default_config
 from moetune.model import MoEConfig, TunedMoE
 from moetune.model.config.presets import PRESETS
-from moetune.model.runtime import plan as planmod
 
 torch.set_num_threads(2)
 fmt, t = sys.argv[1], int(sys.argv[2])
@@ -46,23 +45,11 @@ for variant in sys.argv[4].split(","):  # PF or NT:PF (both GEMMs at panel width
     )
     layers[order].pack_weights()
 print({op: default_config(program.op(op), "tvm", host).as_dict() for op in ("experts.gemm1", "experts.gemm2")})
-times, current = collections.defaultdict(list), [None]
-orig = planmod.Plan.run
-
-
-def run(self, op, *a, **k):
-    t0 = time.perf_counter()
-    r = orig(self, op, *a, **k)
-    times[(current[0], op)].append(time.perf_counter() - t0)
-    return r
-
-
-planmod.Plan.run = run
 xs = [torch.randn(t, 2048).to(cfg.torch_dtype) for _ in range(64 if t <= 16 else 8)]
 for r in range(rounds + 1):  # variants interleaved call by call, each on another input (no shared cache lines)
     for i in range(len(xs)):
         for v, (name, layer) in enumerate(layers.items()):
-            current[0] = name
+            label[0] = name
             x = xs[(i + v * len(xs) // len(layers)) % len(xs)]
             t0 = time.perf_counter()
             layer(x)

@@ -38,10 +38,11 @@ def host_cpu() -> dict[str, Any]:
     mcpu = codegen.llvm_get_system_cpu()
     target = Target({"kind": "llvm", "mcpu": mcpu})
     listed = sorted(str(f) for f in codegen.llvm_get_cpu_features(target) if str(f).startswith(_FEATURE_PREFIXES))
-    features, off = split_os_enabled(listed, _read_cpuinfo())
+    cpuinfo = _read_cpuinfo()
+    features, off = split_os_enabled(listed, cpuinfo)
     return {
         "kind": "cpu",
-        "name": _cpu_model_name() or platform.processor() or mcpu,
+        "name": _cpu_model_name(cpuinfo) or platform.processor() or mcpu,
         "target": f"llvm -mcpu={mcpu}",
         "tvm_target": {"kind": "llvm", "mcpu": mcpu},
         "triple": str(codegen.llvm_get_system_triple()),
@@ -73,14 +74,16 @@ def split_os_enabled(features: list[str], cpuinfo: str) -> tuple[list[str], list
     line = next((ln for ln in cpuinfo.splitlines() if ln.startswith(("flags", "Features"))), None)
     if line is None:
         return list(features), []
-    norm = lambda name: re.sub(r"[^a-z0-9]", "", name.lower())  # noqa: E731
-    enabled = {norm(_CPUINFO_ALIASES.get(f, f)) for f in line.split(":", 1)[1].split()}
-    on = [f for f in features if norm(f) in enabled]
-    return on, [f for f in features if norm(f) not in enabled]
+    enabled = {_bare(_CPUINFO_ALIASES.get(f, f)) for f in line.split(":", 1)[1].split()}
+    return [f for f in features if _bare(f) in enabled], [f for f in features if _bare(f) not in enabled]
 
 
-def _cpu_model_name() -> str | None:
-    line = next((ln for ln in _read_cpuinfo().splitlines() if ln.startswith("model name")), None)
+def _bare(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def _cpu_model_name(cpuinfo: str) -> str | None:
+    line = next((ln for ln in cpuinfo.splitlines() if ln.startswith("model name")), None)
     return line.split(":", 1)[1].strip() if line else None
 
 

@@ -112,9 +112,11 @@ def measure_bandwidth(nbytes: int = 1 << 30, calls: int = 5, device: str = "cpu"
     25-28; the ceiling a kernel is held to should not be the lowest of these."""
     src = torch.rand(nbytes // 4, device=device)
     dst = torch.empty_like(src)
-    ones = torch.ones(1024, device=device)
-    gemv = (lambda: torch.mv(src.view(-1, 1024), ones)) if src.numel() % 1024 == 0 else (lambda: src.sum())
-    read = nbytes / min(_fastest_seconds(lambda: src.sum(), calls, device), _fastest_seconds(gemv, calls, device)) / 1e9
+    readers = [lambda: src.sum()]
+    if src.numel() % 1024 == 0:
+        ones = torch.ones(1024, device=device)
+        readers.append(lambda: torch.mv(src.view(-1, 1024), ones))
+    read = nbytes / min(_fastest_seconds(fn, calls, device) for fn in readers) / 1e9
     copy = 2 * nbytes / _fastest_seconds(lambda: dst.copy_(src), calls, device) / 1e9
     return read, copy
 

@@ -89,7 +89,7 @@ def acc_func(problem: Problem, panel: int, mt: int, panels_outer: bool, pf: int 
                 p = T.meta_var(pb // nb if panels_outer else pb % np_)
                 b = T.meta_var(pb % nb if panels_outer else pb // np_)
                 for m0 in range(bm // mt):
-                    accf = T.alloc_buffer((mt * nc * LANES,), "float32", scope="local")
+                    accf = T.alloc_buffer((mt * nc * LANES,), "float32", scope="global")
                     for i in T.unroll(mt * nc):
                         accf[lanes(i)] = T.broadcast(T.float32(0), LANES)
                     for q in range(words):
@@ -97,9 +97,9 @@ def acc_func(problem: Problem, panel: int, mt: int, panels_outer: bool, pf: int 
                             for c in T.unroll(nc):
                                 prefetch(w, bexp[b], p, q + pf_rows, c * LANES)
                         for c in T.unroll(nc):
-                            v = w[bexp[b], p, q, lanes(c)]
+                            v = T.meta_var(w[bexp[b], p, q, lanes(c)])
                             for r in T.unroll(mt):
-                                xr = T.broadcast(x[rows[b, m0 * mt + r], q], LANES)
+                                xr = T.meta_var(T.broadcast(x[rows[b, m0 * mt + r], q], LANES))
                                 accf[lanes(r * nc + c)] = T.call_pure_extern(
                                     "float32x16", DPBF16PS, accf[lanes(r * nc + c)], v, xr
                                 )

@@ -21,6 +21,14 @@ scales (E, NP, K/G, W) fp16. Output acc (NB, BM, NP * W) fp32, the panelled accu
 then  acc += float(isum - OFFSET * xsum) * (weight scale * input scale)
 (the unsigned codes are code + OFFSET, so OFFSET times the input's code sum comes off once per group). The
 tile's int32 and fp32 accumulators stay in registers; the weight words are read once per tile.
+
+Keeping them in registers (also ir/tvm_bf16.py). TVM lowers a "local" buffer, and any buffer of 1 KiB or more,
+to a heap workspace per parallel task; a name assigned in a TVMScript loop (`v = codes[...]`) becomes such a
+buffer too. LLVM cannot tell that workspace from the weights, so every accumulator update was stored back to
+it, and a prefetch (which LLVM counts as touching memory) kept the stores in the innermost loop: 5 vector stores
+per 2 `vdpbf16ps`. So the accumulators are "global" buffers under 1 KiB (stack allocas, promoted to registers;
+the space's prefetch_with_stack_accumulators constraint), and named values are `T.meta_var` expressions. Zen4:
+w4a8 layer at T=1 1.56 -> 1.30 ms, T=16 17.0 -> 13.5 ms (results/amd-epyc-znver4-2c-x86_64/RESULTS.md).
   nt    P, the panel width (a multiple of the vector's lanes)
   mt    rows per register tile (divides BM)
   order "panels_outer" (one expert's panel stays in cache across its blocks) or "blocks_outer"; the parallel
@@ -28,7 +36,8 @@ tile's int32 and fp32 accumulators stay in registers; the weight words are read 
   pf    software prefetch distance in KiB along the panel's weight stream (0: none): at each group, one
         `prefetcht0` per 64-byte line of the group that far ahead. Decode reads each weight once and the
         hardware prefetcher alone keeps too few lines in flight on some CPUs (the Intel Emerald Rapids host:
-        qwen3-30b-a3b w4a8 at T=1, gemm1 1.15-1.19 -> 1.01-1.04 ms at 8 KiB; results/intel-*-emeraldrapids-*).
+        qwen3-30b-a3b w4a8 at T=1, gemm1 1.15-1.19 -> 1.01-1.04 ms at 8 KiB; results/intel-*-emeraldrapids-*),
+        and costs time where it does not (AMD Zen4): the default is schedules/tvm_cpu.decode_prefetch_kib.
         A prefetch past the buffer's end (the last groups of the last panel) is a hint, never a fault, on x86.
 """
 
@@ -118,8 +127,8 @@ def acc_func(
             p = T.meta_var(pb // nb if panels_outer else pb % np_)
             b = T.meta_var(pb % nb if panels_outer else pb // np_)
             for m0 in range(bm // mt):
-                accf = T.alloc_buffer((mt * nc * vl,), "float32", scope="local")
-                acci = T.alloc_buffer((mt * nc * vl,), "int32", scope="local")
+                accf = T.alloc_buffer((mt * nc * vl,), "float32", scope="global")
+                acci = T.alloc_buffer((mt * nc * vl,), "int32", scope="global")
                 for i in T.unroll(mt * nc):
                     accf[lanes(i)] = T.broadcast(T.float32(0), vl)
                 for g in range(ngroups):
@@ -131,24 +140,26 @@ def acc_func(
                                 prefetch(codes, bexp[b], p, (g + pf_groups) * words + q, c * vl)
                     for q in T.unroll(words):
                         for c in T.unroll(nc):
-                            v = codes[bexp[b], p, g * words + q, lanes(c)]
+                            v = T.meta_var(codes[bexp[b], p, g * words + q, lanes(c)])
                             for r in T.unroll(mt):
-                                x0 = xq[rows[b, m0 * mt + r], g * (g_ // 4) + q * (kb // 4)]
+                                x0 = T.meta_var(xq[rows[b, m0 * mt + r], g * (g_ // 4) + q * (kb // 4)])
                                 if int4:  # low nibbles: k 0..3 of the word's 8, high nibbles: k 4..7
-                                    lo = T.bitwise_and(v, T.broadcast(T.int32(0x0F0F0F0F), vl))
-                                    hi = T.bitwise_and(
-                                        T.shift_right(v, T.broadcast(T.int32(4), vl)),
-                                        T.broadcast(T.int32(0x0F0F0F0F), vl),
+                                    lo = T.meta_var(T.bitwise_and(v, T.broadcast(T.int32(0x0F0F0F0F), vl)))
+                                    hi = T.meta_var(
+                                        T.bitwise_and(
+                                            T.shift_right(v, T.broadcast(T.int32(4), vl)),
+                                            T.broadcast(T.int32(0x0F0F0F0F), vl),
+                                        )
                                     )
-                                    x1 = xq[rows[b, m0 * mt + r], g * (g_ // 4) + q * 2 + 1]
+                                    x1 = T.meta_var(xq[rows[b, m0 * mt + r], g * (g_ // 4) + q * 2 + 1])
                                     acci[lanes(r * nc + c)] = dot(dot(acci[lanes(r * nc + c)], lo, x0), hi, x1)
                                 else:
                                     acci[lanes(r * nc + c)] = dot(acci[lanes(r * nc + c)], v, x0)
                     for c in T.unroll(nc):
-                        ws = T.Cast(f32v, scales[bexp[b], p, g, lanes(c)])
+                        ws = T.meta_var(T.Cast(f32v, scales[bexp[b], p, g, lanes(c)]))
                         for r in T.unroll(mt):
-                            row = rows[b, m0 * mt + r]
-                            isum = acci[lanes(r * nc + c)] - T.broadcast(xsum[row, g] * off, vl)
+                            row = T.meta_var(rows[b, m0 * mt + r])
+                            isum = T.meta_var(acci[lanes(r * nc + c)] - T.broadcast(xsum[row, g] * off, vl))
                             accf[lanes(r * nc + c)] = accf[lanes(r * nc + c)] + T.Cast(f32v, isum) * (
                                 ws * T.broadcast(xs[row, g], vl)
                             )

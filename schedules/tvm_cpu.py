@@ -92,6 +92,15 @@ def dot_kernel(problem: Problem, target: Target) -> str | None:
     return "bf16" if bf16 and {"avx512bf16", "avx512f"} <= features else None
 
 
+def decode_prefetch_kib(target: Target) -> int:
+    """The dot kernels' default software prefetch distance (KiB) where each weight is read once (BM <= 2).
+    Measured, 2 threads reading a weight stream each (read_streams.c in results/): an Intel Xeon (Emerald Rapids)
+    reads 8 GB/s per one-stream thread and more with prefetch (bf16 layer at T=1 1.12x, w4a8 1.06x with 8 KiB),
+    while an AMD EPYC Zen4 reads ~28 of its ~31 GB/s with one stream per thread, and prefetching there made the
+    same layers 1.1-1.3x slower. So AMD's Zen cores get none; the tuner explores PF_CHOICES everywhere."""
+    return 0 if str(target.tvm.get("mcpu", "")).startswith("znver") else 8
+
+
 @cache
 def simd(target: Target) -> tuple[int, int]:
     """(fp32 lanes per vector register, number of vector registers) of a CPU target, from its LLVM features:
@@ -137,6 +146,12 @@ def _dot_space(problem: Problem, target: Target, kind: str) -> SearchSpace:
             ),
             Constraint(
                 "panel_not_wider_than_output", f"nt must be < 2x the output width {n}", lambda p: p["nt"] < 2 * n
+            ),
+            Constraint(
+                "prefetch_with_stack_accumulators",
+                f"pf > 0 needs each accumulator buffer ({tiles} x mt x nt x 4 bytes) under 1 KiB: TVM puts larger"
+                " ones in a heap workspace, and LLVM then stores them after every instruction a prefetch follows",
+                lambda p: p["pf"] == 0 or tiles * p["mt"] * p["nt"] * 4 < 1024,
             ),
         ),
     )
@@ -193,7 +208,7 @@ def default_point(problem: Problem, target: Target) -> Point:
         fits = [v for v in widths if lanes <= v < 2 * n] or [lanes]
         nt = next((v for v in fits if n % v == 0), fits[0])
         rows = (4, 3, 2, 1) if kind == "vnni" else (8, 6, 4, 3, 2, 1)
-        pf = 8 if problem["BM"] <= 2 else 0  # decode streams each weight once: prefetch; prefill reuses panels
+        pf = decode_prefetch_kib(target) if problem["BM"] <= 2 else 0  # prefill re-reads panels from cache
         point = {"nt": nt, "order": "panels_outer", "pf": pf}
         mt = next(v for v in rows if sp.is_feasible({**point, "mt": v}))
         return {**point, "mt": mt}

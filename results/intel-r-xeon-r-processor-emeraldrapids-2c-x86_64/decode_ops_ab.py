@@ -1,7 +1,8 @@
 """Per-op p50 (gemm1, gemm2) of qwen3-30b-a3b layers at T (ARGV[1]), fp32 and bf16 variants side by side.
 
 Variants (ARGV[2], comma-separated): fp32 (defaults), bf16 (defaults: vdpbf16ps where the target has it),
-bf16te (the widening TE kernels forced), bf16:NT (vdpbf16ps, both GEMMs at panel width NT, mt 1).
+bf16te (the widening TE kernels forced), bf16:NT[:PF] (vdpbf16ps, both GEMMs at panel width NT, mt 1,
+prefetch PF KiB, default 0).
 32 inputs x ROUNDS (ARGV[3]) interleaved per round; routing differs per input, so weights stream from memory.
 """
 
@@ -29,8 +30,9 @@ for name in names:
     dt = "float32" if name == "fp32" else "bfloat16"
     configs = None
     if name.startswith("bf16:"):
-        nt = int(name.split(":")[1])
-        cfg = KernelConfig.of("tvm", {"nt": nt, "mt": 1, "order": "panels_outer"})
+        parts = name.split(":")  # bf16:NT[:PF]
+        nt, pf = int(parts[1]), int(parts[2]) if len(parts) > 2 else 0
+        cfg = KernelConfig.of("tvm", {"nt": nt, "mt": 1, "order": "panels_outer", "pf": pf})
         configs = {"experts.gemm1": cfg, "experts.gemm2": cfg}
     if name == "bf16te":
         forced_te.add(name)

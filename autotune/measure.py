@@ -77,6 +77,34 @@ def measure(
     return quantiles_ms(samples)
 
 
+def measure_interleaved(
+    fns: dict[str, Callable[[Any], Any]],
+    inputs: Sequence[Any],
+    warmup: int = 1,
+    repeat: int = 10,
+    max_seconds: float = 20.0,
+) -> dict[str, Timing]:
+    """CPU timings of several callables compared with each other: after `warmup` calls each, `repeat` rounds
+    call every one once on the round's input, in an order rotated each round, so a host whose speed drifts
+    (a VM's read bandwidth moved 30-50% within a minute: results/) slows all of them alike and their ratios
+    hold. Stops after MIN_SAMPLES rounds once max_seconds per callable have passed."""
+    names = list(fns)
+    for i in range(warmup):
+        for name in names:
+            fns[name](inputs[i % len(inputs)])
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    deadline = time.perf_counter() + max_seconds * len(names)
+    for i in range(repeat):
+        for j in range(len(names)):
+            name = names[(i + j) % len(names)]
+            start = time.perf_counter()
+            fns[name](inputs[i % len(inputs)])
+            samples[name].append(time.perf_counter() - start)
+        if i + 1 >= MIN_SAMPLES and time.perf_counter() > deadline:
+            break
+    return {name: quantiles_ms(samples[name]) for name in names}
+
+
 def measure_cuda(
     fn: Callable[[Any], Any],
     inputs: Sequence[Any],

@@ -6,7 +6,7 @@ import time
 
 import optuna
 
-from moetune.autotune.measure import MIN_SAMPLES, measure
+from moetune.autotune.measure import MIN_SAMPLES, measure, measure_interleaved
 from moetune.autotune.tuning.search import EARLY_STOP, StudyContext, tune_op
 from moetune.autotune.tuning.trial import Result
 from moetune.ir.program import lower
@@ -36,6 +36,27 @@ def test_one_slow_warm_up_call_is_enough():
     calls: list = []
     measure(_sleeper(0.3, calls), [0, 1], warmup=3, repeat=3)
     assert len(calls) == 1 + 3
+
+
+def test_interleaved_timing_keeps_the_ratio_on_a_drifting_host():
+    """Two callables, B twice A's work, on a host that slows 4x halfway: timed one after the other, A's samples
+    would all be fast and B's all slow (ratio 8); interleaved call by call, both see the drift (ratio 2)."""
+    calls: list = []
+    slow = [1.0]
+
+    def work(name, units):
+        def fn(x):
+            calls.append((name, x))
+            time.sleep(0.002 * units * slow[0])
+            if len(calls) == 12:
+                slow[0] = 4.0
+
+        return fn
+
+    got = measure_interleaved({"a": work("a", 1), "b": work("b", 2)}, [0, 1, 2], warmup=1, repeat=10)
+    assert got["a"].n == got["b"].n == 10 and 1.5 < got["b"].p50_ms / got["a"].p50_ms < 2.7
+    assert calls[:2] == [("a", 0), ("b", 0)]  # warm-up, then rounds in a rotating order on the round's input
+    assert calls[2:6] == [("a", 0), ("b", 0), ("b", 1), ("a", 1)]
 
 
 class _FakeWorker:

@@ -16,7 +16,8 @@ before it is timed; one that does not match is reported and not timed):
 Per cell (preset, dtype, T): p20/p50/p80, useful GFLOP/s, GB/s of the bytes a forward must move (the
 experts the routing touched + router + shared + activations, autotune/bench/roofline.py) and % of this machine's
 roofline (matmul peak measured in the same run; on a CPU the read bandwidth re-measured around each cell, since a
-shared host's bandwidth drifts), speedup over the reference and over the best HF provider.
+shared host's bandwidth drifts), speedup over the reference and over the best HF provider. On a CPU the providers
+of a cell are timed interleaved call by call (autotune/measure.py: measure_interleaved), so drift hits all alike.
 On a GPU (target "cuda") the layer, its weights and the inputs live on the device, calls are timed with CUDA
 events or CUDA graph replays (autotune/measure.py), and hf-grouped_mm (transformers' torch._grouped_mm path)
 is the baseline the GPU targets name (`speedup_over`).
@@ -39,7 +40,7 @@ from typing import Any
 import torch
 
 from moetune.autotune.bench.roofline import Machine, experts_touched, layer_bytes, measure_bandwidth
-from moetune.autotune.measure import Timing, machine_name, measure
+from moetune.autotune.measure import Timing, machine_name, measure, measure_interleaved
 from moetune.model.config import MoEConfig
 
 MOETUNE_PROVIDERS = ("reference", "torch", "tvm", "triton", "tvm_cuda", "tuned")
@@ -204,16 +205,27 @@ def verify(provider: Provider, ref, tokens: list[int]) -> str | None:
     return None if ok else f"output does not match the reference: {what} (norm-wise {provider.max_rel_err:.3g})"
 
 
-def time_provider(fn, inputs: list[torch.Tensor], repeat: int, slow_call_s: float, device: str = "cpu") -> Timing:
-    """measure() after one timed warm-up call; a warm-up slower than `slow_call_s` is the only sample."""
-    start = time.perf_counter()
-    fn(inputs[-1])
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    first = time.perf_counter() - start
-    if first > slow_call_s:
-        return Timing(first * 1e3, first * 1e3, first * 1e3, 1)
-    return measure(fn, inputs, warmup=1, repeat=repeat, device=device)
+def time_providers(
+    fns: dict[str, Callable], inputs: list[torch.Tensor], repeat: int, slow_call_s: float, device: str = "cpu"
+) -> dict[str, Timing]:
+    """Each provider's timing after one timed warm-up call (one slower than `slow_call_s` is that provider's only
+    sample). CPU: the rest interleaved call by call (measure_interleaved), so the cell's ratios survive the
+    host's drift; GPU: measure() per provider, on the device's clock."""
+    timings, rest = {}, {}
+    for name, fn in fns.items():
+        start = time.perf_counter()
+        fn(inputs[-1])
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        first = time.perf_counter() - start
+        if first > slow_call_s:
+            timings[name] = Timing(first * 1e3, first * 1e3, first * 1e3, 1)
+        elif device.startswith("cuda"):
+            timings[name] = measure(fn, inputs, warmup=1, repeat=repeat, device=device)
+        else:
+            rest[name] = fn
+    timings.update(measure_interleaved(rest, inputs, warmup=1, repeat=repeat) if rest else {})
+    return {name: timings[name] for name in fns}
 
 
 def bench_layer(
@@ -255,7 +267,7 @@ def bench_layer(
         with torch.no_grad():
             touched = sum(experts_touched(ref.route(x)[1]) for x in inputs) / len(inputs)
         flops, nbytes = cfg.flops_per_token() * t, layer_bytes(cfg, t, touched)
-        timings: dict[str, Timing] = {}
+        fns = {}
         probe = _bandwidth_probe(machine, device)
         for name, p in impls.items():
             reason = p.fits(t)
@@ -264,8 +276,9 @@ def bench_layer(
                     {"preset": preset, "dtype": cell_dtype(cfg), "tokens": t, "provider": name, "reason": reason}
                 )
                 continue
-            with torch.no_grad():
-                timings[name] = time_provider(p.fn, inputs, repeat, slow_call_s, device)
+            fns[name] = p.fn
+        with torch.no_grad():
+            timings = time_providers(fns, inputs, repeat, slow_call_s, device)
         hf = {k: v.p50_ms for k, v in timings.items() if k in HF_PROVIDERS}
         best_hf = min(hf, key=hf.get) if hf else ""
         base = timings.get("reference")

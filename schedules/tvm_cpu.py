@@ -208,8 +208,11 @@ def default_point(problem: Problem, target: Target) -> Point:
         fits = [v for v in widths if lanes <= v < 2 * n] or [lanes]
         nt = next((v for v in fits if n % v == 0), fits[0])
         rows = (4, 3, 2, 1) if kind == "vnni" else (8, 6, 4, 3, 2, 1)
-        pf = decode_prefetch_kib(target) if problem["BM"] <= 2 else 0  # prefill re-reads panels from cache
-        point = {"nt": nt, "order": "panels_outer", "pf": pf}
+        decode = problem["BM"] <= 2  # each weight read once, from memory; prefill re-reads panels from cache
+        # decode: a thread streams whole experts (their panels are contiguous) rather than one panel of each
+        # expert in turn: Zen4 bf16 / w4a8 / w8a8 layers at T=1 1.085x / 1.11x / 1.07x, w4a8 T=16 1.16x
+        order = "blocks_outer" if decode else "panels_outer"
+        point = {"nt": nt, "order": order, "pf": decode_prefetch_kib(target) if decode else 0}
         mt = next(v for v in rows if sp.is_feasible({**point, "mt": v}))
         return {**point, "mt": mt}
     lanes, _ = simd(target)

@@ -176,13 +176,15 @@ def test_the_te_kernels_read_a_k_paired_weight_too(monkeypatch):
 def test_decode_points_prefetch_the_weight_stream_and_prefill_points_do_not(spec, decode_pf):
     """pf (KiB ahead along the panel) defaults to 8 where BM <= 2 (each weight read once, from memory) on Intel
     cores and to 0 on AMD Zen cores (one stream per thread reads at the limit there: measured), and to 0 for
-    prefill everywhere; the kernels carry a `prefetcht0` per line exactly when pf > 0. Compiled, not run."""
+    prefill everywhere; the kernels carry a `prefetcht0` per line exactly when pf > 0. Decode streams whole
+    experts per thread (blocks outer), prefill keeps a panel in cache across an expert's blocks. Compiled."""
     target = resolve_target(spec)
     cfg = _cfg() if not spec.endswith("cascadelake") else _cfg(quant="w4a8", dtype="float32")  # bf16 / VNNI kernels
     for tokens, want in ((1, decode_pf), (256, 0)):
         problem = lower(cfg, tokens).op("experts.gemm2")
         point = default_config(problem, "tvm", target).as_dict()
         assert point["pf"] == want, (tokens, problem["BM"])
+        assert point["order"] == ("blocks_outer" if tokens == 1 else "panels_outer")  # decode: whole experts
         for pf in (0, 8):  # (prefill's tile is too big to prefetch for: prefetch_with_stack_accumulators)
             if tokens > 1 and not backend_info("tvm").space(problem, target).is_feasible({**point, "pf": pf}):
                 continue

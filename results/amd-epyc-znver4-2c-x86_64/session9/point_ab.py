@@ -49,7 +49,5 @@ for r in range(rounds + 1):
     if r == 0:
         times.clear()
 for name in layers:
-    row = " ".join(
-        f"{op.split('.')[-1]} {statistics.median(times[(name, op)]) * 1e3:.3f}" for op in (*ops, "layer")
-    )
+    row = " ".join(f"{op.split('.')[-1]} {statistics.median(times[(name, op)]) * 1e3:.3f}" for op in (*ops, "layer"))
     print(f"{fmt} T={t} {name:28s} {row}", flush=True)

@@ -1,7 +1,8 @@
 """A/B of schedule points for qwen3-30b-a3b's expert GEMMs at T (ARGV[2]) in format ARGV[1] (fp32, bf16, int8,
 int4, w8a8, w4a8): each variant (ARGV[4], ';'-separated; each a ','-separated list of key=value overriding both
 GEMMs' default points, "default" for none) is one layer; ROUNDS (ARGV[3]) rounds over 64 rotating inputs (8 at
-T > 16), the variants interleaved call by call, each on another input; per-op and layer p50 ms."""
+T > 16), the variants interleaved call by call, each on another input; per-op and layer p50 ms.
+Run with ../../intel-r-xeon-r-processor-emeraldrapids-2c-x86_64 on PYTHONPATH (its op_timer.py)."""
 
 import statistics
 import sys

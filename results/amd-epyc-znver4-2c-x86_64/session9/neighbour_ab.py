@@ -10,19 +10,14 @@ import time
 import torch
 from op_timer import label
 from op_timer import times as op_times
+from point_ab import setup
 
 from moetune.autotune.bench.ggml import GgmlMoE
-from moetune.autotune.bench.layer import reference_layer
-from moetune.model import MoEConfig, TunedMoE
-from moetune.model.config.presets import PRESETS
+from moetune.model import TunedMoE
 
-torch.set_num_threads(2)
 fmt, t, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-dtype = "bfloat16" if fmt == "bf16" else "float32"
-quant = fmt if fmt not in ("fp32", "bf16") else "none"
-cfg = MoEConfig(**{**PRESETS["qwen3-30b-a3b"], "dtype": dtype, "quant": quant})
-ref = reference_layer(cfg)
-layer = TunedMoE.from_module(ref, backends=("tvm",), db=False, quant=None if quant == "none" else quant)
+cfg, ref, quant = setup(fmt)
+layer = TunedMoE.from_module(ref, backends=("tvm",), db=False, quant=quant)
 layer.pack_weights()
 gg = GgmlMoE(ref)
 a, b = torch.randn(512, 512), torch.randn(512, 512)

@@ -41,14 +41,15 @@ Elsewhere (no VNNI) they run the weight-only kernels on the quantized input's va
 bf16 GEMMs (dense bf16 weights and inputs) on a target with AVX-512 BF16 run the `vdpbf16ps` kernels of
 ir/tvm_bf16.py: the same space as the VNNI kernels (nt, mt, order; their weight layout pairs k: kpack 2), the
 registers constraint counting one fp32 accumulator per vector of the tile. Default: 32-wide panels (a gated
-gemm1's tile 64 columns), the most rows that fit and divide BM, panels_outer; a panel width that divides the
+gemm1's tile 64 columns), the most rows that fit and divide BM, panels_outer (prefill); a panel width that divides the
 output comes first, as above. Measured on the Zen5 host (qwen3-30b-a3b, T=256, BM=8; results/amd-epyc-znver5-2c-
 x86_64/RESULTS.md): gemm1 mt 4 x nt 32 39.9 ms (8 x 16: 43.4), gemm2 8 x 32 23.2 ms (4 x 64: 31.9); T=1 layer
 with gemm2 nt 32 2.37 ms, nt 64 2.62 ms.
 
 Both dot-product kernels also take pf, a software prefetch distance along the weight panel (0 / 4 / 8 / 16
-KiB): default 8 at BM <= 2 (decode: each weight read once, from memory), else 0 (prefill reuses a panel across
-blocks; w4a8 at T=256 on the Intel Emerald Rapids host, pf 8 was 0-5% slower).
+KiB): at BM <= 2 (decode: each weight read once, from memory) `decode_prefetch_kib` (8 on Intel, 0 on AMD Zen:
+measured), else 0 (prefill reuses a panel across blocks; w4a8 at T=256 on the Intel Emerald Rapids host, pf 8
+was 0-5% slower). At decode their default order is blocks_outer: a thread streams whole experts.
 """
 
 from __future__ import annotations
